@@ -1,0 +1,111 @@
+"""What every checkpoint loader returns, and the one error every loader raises.
+
+Invariants of a `LoadedModel` (checked by the loaders before they return, never half-built):
+  * `params` follows the layout of `lowbit_jax.models.llama` exactly: a nested dict of C-contiguous numpy float32
+    arrays that own their memory (no views of a file buffer or of each other) and whose shapes match `config`;
+    `output/kernel` is present iff `config.tie_embeddings` is False.
+  * `config.vocab_size == len(tokenizer.pieces)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lowbit_jax.models.llama import LlamaConfig
+
+if TYPE_CHECKING:
+  from lowbit_jax.io.tokenizer import Tokenizer
+
+Params = dict[str, Any]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or tokenizer file is unusable: truncated, corrupted, mis-shaped or of an unsupported kind.
+
+  The message always starts with the offending file's path.
+  """
+
+  def __init__(self, path: object, problem: str):
+    super().__init__(f"{path}: {problem}")
+    self.path = path
+    self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+  """A Llama checkpoint read from disk: its config, its parameters (Flax layout, float32) and its tokenizer."""
+  config: LlamaConfig
+  params: Params = dataclasses.field(repr=False)
+  tokenizer: "Tokenizer"
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The shape of every parameter leaf, keyed by its '/'-joined path, in the Flax layout of `models/llama.py`."""
+  d, h, v = config.dim, config.hidden_dim, config.vocab_size
+  q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+  shapes: dict[str, tuple[int, ...]] = {"tok_embeddings/embedding": (v, d)}
+  for i in range(config.n_layers):
+    p = f"layers_{i}"
+    shapes.update({
+        f"{p}/attention_norm/scale": (d,),
+        f"{p}/attention/wq/kernel": (d, q),
+        f"{p}/attention/wk/kernel": (d, kv),
+        f"{p}/attention/wv/kernel": (d, kv),
+        f"{p}/attention/wo/kernel": (q, d),
+        f"{p}/ffn_norm/scale": (d,),
+        f"{p}/feed_forward/w1/kernel": (d, h),
+        f"{p}/feed_forward/w3/kernel": (d, h),
+        f"{p}/feed_forward/w2/kernel": (h, d),
+    })
+  shapes["norm/scale"] = (d,)
+  if not config.tie_embeddings:
+    shapes["output/kernel"] = (d, v)
+  return shapes
+
+
+def nest(flat: dict[str, np.ndarray]) -> Params:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: Params = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+_POSITIVE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len", "norm_eps",
+                    "rope_theta")
+
+
+def validate_config(path: object, config: LlamaConfig) -> None:
+  """Raises CheckpointError unless the config's sizes (and eps, theta) are positive and the heads divide evenly."""
+  sizes = {name: getattr(config, name) for name in _POSITIVE_FIELDS}
+  bad = {k: s for k, s in sizes.items() if not s > 0}
+  if bad:
+    raise CheckpointError(path, f"non-positive model sizes {bad}")
+  if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
+    raise CheckpointError(
+        path, f"dim {config.dim}, n_heads {config.n_heads} and n_kv_heads {config.n_kv_heads} do not divide evenly")
+
+
+def build_params(path: object, config: LlamaConfig, flat: dict[str, np.ndarray]) -> Params:
+  """Checks `flat` holds exactly the leaves of `config` with the right shapes, then nests it as owned float32.
+
+  Arrays that are views (transposes, slices of a file buffer) are copied; fresh arrays are used as they are.
+
+  Raises:
+    CheckpointError: naming `path` and the first missing, unexpected or mis-shaped leaf.
+  """
+  shapes = expected_shapes(config)
+  missing = [k for k in shapes if k not in flat]
+  extra = [k for k in flat if k not in shapes]
+  if missing or extra:
+    raise CheckpointError(path, f"parameters do not match the config: missing {missing}, unexpected {extra}")
+  for key, shape in shapes.items():
+    if flat[key].shape != shape:
+      raise CheckpointError(path, f"parameter {key} has shape {flat[key].shape}, expected {shape}")
+  return nest({k: np.require(flat[k], np.float32, ["C_CONTIGUOUS", "OWNDATA", "WRITEABLE"]) for k in shapes})

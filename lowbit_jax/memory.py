@@ -1,0 +1,104 @@
+"""memory_report: what a (quantized) parameter tree really costs in bytes.
+
+Works on concrete arrays and on abstract shapes alike (`jax.ShapeDtypeStruct`, e.g. the output of
+`jax.eval_shape(lambda p: lowbit_jax.rtn(p, spec), abstract_params)`), so a 70B-parameter model is reported
+without allocating it. Bytes are what is stored: QArray codes with their padding, scales and zero points.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from lowbit_jax import select as sel
+from lowbit_jax.qarray import QArray
+
+GB = 1e9   # decimal gigabytes, as model sizes are usually quoted; GiB are shown beside them
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMemory:
+  path: str
+  shape: tuple[int, ...]
+  kind: str          # "float32", "bfloat16", ... or e.g. "INT4 PerGroup(size=128, axis=-2)"
+  params: int
+  nbytes: int
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.nbytes / self.params if self.params else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  leaves: tuple[LeafMemory, ...]
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(l.nbytes for l in self.leaves)
+
+  @property
+  def total_params(self) -> int:
+    return sum(l.params for l in self.leaves)
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.total_bytes / self.total_params
+
+  @property
+  def gb(self) -> float:
+    return self.total_bytes / GB
+
+  @property
+  def gb_per_billion_params(self) -> float:
+    return self.total_bytes / GB / (self.total_params / 1e9)
+
+  @property
+  def compression_vs_bf16(self) -> float:
+    return 2.0 * self.total_params / self.total_bytes
+
+  def table(self, *, max_rows: int = 40) -> str:
+    """A markdown table: one row per leaf (the first `max_rows`), then the total."""
+    rows = ["| leaf | shape | stored as | params | bytes | bits/weight |", "|---|---|---|---:|---:|---:|"]
+    for l in self.leaves[:max_rows]:
+      rows.append(f"| {l.path} | {l.shape} | {l.kind} | {l.params:,} | {l.nbytes:,} | {l.bits_per_weight:.3f} |")
+    if len(self.leaves) > max_rows:
+      rows.append(f"| ... {len(self.leaves) - max_rows} more leaves | | | | | |")
+    rows.append(f"| **total** | | | {self.total_params:,} | {self.total_bytes:,} | {self.bits_per_weight:.3f} |")
+    return "\n".join(rows)
+
+  def summary(self) -> str:
+    return (f"{self.total_params / 1e9:.3f} B params, {self.gb:.3f} GB ({self.total_bytes / 2**30:.3f} GiB), "
+            f"{self.bits_per_weight:.3f} bits/weight, {self.gb_per_billion_params:.3f} GB per billion params, "
+            f"{self.compression_vs_bf16:.2f}x smaller than bf16")
+
+  def __str__(self):
+    return self.table() + "\n" + self.summary()
+
+
+def _kind(q: QArray) -> str:
+  s = q.spec
+  extra = "" if s.symmetric else " asym"
+  extra += " +DQ" if s.double_quant else ""
+  return f"{s.format.name}{s.bits if s.format.name == 'INT' else ''} {s.granularity}{extra} ({s.scale_dtype})"
+
+
+def memory_report(tree) -> MemoryReport:
+  """Per-leaf and total bytes of a pytree of arrays, abstract shapes and QArrays."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))[0]
+  leaves = []
+  for path, leaf in flat:
+    if isinstance(leaf, QArray):
+      leaves.append(LeafMemory(sel.path_str(path), leaf.shape, _kind(leaf), leaf.size, leaf.nbytes))
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      n = math.prod(leaf.shape)
+      leaves.append(LeafMemory(sel.path_str(path), tuple(leaf.shape), np.dtype(leaf.dtype).name, n,
+                               n * np.dtype(leaf.dtype).itemsize))
+    else:
+      raise ValueError(f"memory_report: {sel.path_repr(path)} is a {type(leaf).__name__}; expected an array, "
+                       f"a jax.ShapeDtypeStruct or a QArray")
+  if not leaves:
+    raise ValueError("memory_report: the tree has no array leaves")
+  return MemoryReport(tuple(leaves))

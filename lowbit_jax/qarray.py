@@ -1,0 +1,259 @@
+"""QArray: a quantized array as a JAX pytree (packed codes + scales [+ zero points] + its QuantSpec).
+
+Invariant (every format, every granularity):
+
+    q = quantize(x, spec)
+    q.dequantize() ≈ x            within the bound documented in the format's module:
+                                  INT: half a step (scale / 2); ternary: scale / 2 below 1.5 * scale, clipping
+                                  above; NF4: scale * MAX_GAP / 2 (+ clipping under double quantization);
+                                  FP8: 2**-(mantissa_bits + 1) relative (normal range)
+    q.shape == x.shape, q.dtype == x.dtype
+    q.nbytes == the bytes actually stored (codes, padding included, + scales + zeros, recursively)
+
+Storage, with `axis` the (negative) contraction axis, `K` its logical length, `K_pad` the padded one and `G` the
+number of scale granules along it (1 for per-channel / per-tensor):
+
+    codes : uint8, `axis` of length K_pad * bits / 8 (split-chunk bit packing, see formats/packing.py);
+            FP8 codes are float8 with `axis` of length K_pad
+    scale : spec.scale_dtype, `axis` of length G, every other axis full (per-tensor: length 1 from `axis` on);
+            under double quantization, itself a QArray (8-bit, groups of dq_group_size along its last axis)
+    zero  : uint8 like `scale` (asymmetric INT only), else None
+
+`K_pad` rounds K up to whole groups and to the packing multiple; padded entries are zeros, masked out of every
+statistic and sliced off by `dequantize`, so padding never changes a value. Because the spec's axis is stored
+negative and the logical shape is derived from the leaves, a QArray stays valid under `vmap` / `pmap` / `scan`
+slicing of leading axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
+
+from lowbit_jax.formats import FORMATS, PACKED, packing
+from lowbit_jax.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
+
+
+def _where(path: str | None) -> str:
+  return f"{path}: " if path else ""
+
+
+@register_pytree_with_keys_class
+class QArray:
+  """Packed low-bit codes with their scales; see the module docstring for the invariants."""
+
+  def __init__(self, codes, scale, zero, *, spec: QuantSpec, k: int, dtype):
+    self.codes = codes
+    self.scale = scale
+    self.zero = zero
+    self.spec = spec
+    self.k = k
+    self.dtype = np.dtype(dtype)
+
+  # --- pytree ---------------------------------------------------------------------------------------------
+  def tree_flatten_with_keys(self):
+    children = ((GetAttrKey("codes"), self.codes), (GetAttrKey("scale"), self.scale),
+                (GetAttrKey("zero"), self.zero))
+    return children, (self.spec, self.k, self.dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)   # no validation: leaves may be tracers, ShapeDtypeStructs or shardings
+    obj.codes, obj.scale, obj.zero = children
+    obj.spec, obj.k, obj.dtype = aux
+    return obj
+
+  # --- logical view ---------------------------------------------------------------------------------------
+  @property
+  def axis(self) -> int:
+    return self.spec.axis
+
+  @property
+  def k_pad(self) -> int:
+    return self.codes.shape[self.axis] * 8 // self.spec.bits
+
+  @property
+  def n_groups(self) -> int:
+    return self.scale.shape[self.axis]
+
+  @property
+  def group_len(self) -> int:
+    """Entries of the padded contraction axis that share one scale."""
+    return self.k_pad // self.n_groups
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    s = list(self.codes.shape)
+    s[self.axis] = self.k
+    return tuple(s)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.codes.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes stored: codes (with padding) + scales + zeros, recursing into double-quantized scales."""
+    return sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for l in jax.tree.leaves(self))
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8.0 * self.nbytes / self.size
+
+  def __repr__(self):
+    return (f"QArray(shape={self.shape}, dtype={self.dtype.name}, format={self.spec.format.name}, "
+            f"bits={self.spec.bits}, granularity={self.spec.granularity}, nbytes={self.nbytes})")
+
+  # --- numerics -------------------------------------------------------------------------------------------
+  def code_values(self):
+    """``code - zero`` (or the format's level) in float32, padded axis of length K_pad. Scale not applied."""
+    codes = self.codes
+    if self.spec.format in PACKED and self.spec.bits < 8:
+      codes = packing.unpack(codes, self.spec.bits, self.axis)
+    grouped = _split_axis(codes, self.axis, self.n_groups)                      # (..., G, g, ...)
+    zero = None if self.zero is None else _expand(self.zero, self.axis)          # (..., G, 1, ...)
+    return FORMATS[self.spec.format].decode(grouped, zero, self.spec).reshape(codes.shape)
+
+  def scale_values(self):
+    """The scales dequantization uses, float32, shape of `scale` (double quantization resolved)."""
+    s = self.scale.dequantize() if isinstance(self.scale, QArray) else self.scale
+    return s.astype(jnp.float32)
+
+  def dequantize(self):
+    """The float array this QArray stands for, in its original dtype and shape (padding removed)."""
+    vals = self.code_values()                                                  # (..., K_pad, ...)
+    grouped = _split_axis(vals, self.axis, self.n_groups)                      # (..., G, g, ...)
+    out = grouped * _expand(self.scale_values(), self.axis)                    # scale (..., G, 1, ...)
+    out = out.reshape(vals.shape)                                              # (..., K_pad, ...)
+    return lax.slice_in_dim(out, 0, self.k, axis=out.ndim + self.axis).astype(self.dtype)
+
+
+def _expand(a, axis):
+  """(..., G, ...) -> (..., G, 1, ...): a per-granule array broadcast against the grouped view."""
+  return jnp.expand_dims(a, a.ndim + axis + 1)
+
+
+def _split_axis(a, axis, n_groups):
+  """(..., K_pad, ...) -> (..., G, K_pad / G, ...) at the negative `axis`."""
+  i = a.ndim + axis
+  return a.reshape(a.shape[:i] + (n_groups, a.shape[i] // n_groups) + a.shape[i + 1:])
+
+
+# --- quantize ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  axis: int      # negative
+  k: int
+  k_pad: int
+  n_groups: int
+
+
+def _layout(shape, spec: QuantSpec, path: str | None) -> _Layout:
+  ndim = len(shape)
+  axis = spec.axis
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{_where(path)}contraction axis {axis} of {spec.granularity} is missing from an array of "
+                     f"shape {tuple(shape)}; expected an array with at least {max(axis + 1, -axis)} dims "
+                     f"(choose the axis in the spec's granularity)")
+  axis = axis - ndim if axis >= 0 else axis
+  k = shape[axis]
+  if k == 0:
+    raise ValueError(f"{_where(path)}contraction axis {axis} has length 0; expected a non-empty axis")
+  pm = packing.pack_multiple(spec.bits) if spec.format in PACKED else 1
+  g = spec.group_size
+  multiple = math.lcm(g, pm) if g else pm
+  k_pad = -(-k // multiple) * multiple
+  if spec.strict and k_pad != k:
+    why = f"group size {g}" if g and k % g else f"the {spec.bits}-bit packing multiple {pm}"
+    raise ValueError(f"{_where(path)}axis {axis} of length {k} is not a multiple of {why} and strict=True; "
+                     f"expected a length divisible by {multiple} (or strict=False to pad)")
+  n_groups = k_pad // g if g else 1
+  return _Layout(axis=axis, k=k, k_pad=k_pad, n_groups=n_groups)
+
+
+def check_quantizable(x, spec: QuantSpec, path: str | None = None) -> None:
+  """Raise ValueError (naming `path`) unless `x` can be quantized with `spec`: a finite float array whose
+  contraction axis exists (and, under `strict`, divides evenly). Works on abstract values (shape/dtype only)."""
+  dtype = np.dtype(x.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{_where(path)}expected a floating-point array to quantize, got dtype {dtype} "
+                     f"(integer, boolean and complex leaves cannot be quantized)")
+  _layout(x.shape, spec, path)
+  if not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+    host = np.asarray(x)
+    if not np.all(np.isfinite(host)):
+      bad = int(np.size(host) - np.count_nonzero(np.isfinite(host)))
+      raise ValueError(f"{_where(path)}expected finite weights, found {bad} NaN/inf value(s) "
+                       f"in an array of shape {host.shape}")
+
+
+def quantize(x, spec: QuantSpec, *, path: str | None = None) -> QArray:
+  """Quantize one float array. Jit-able with `spec` static. `path` only labels errors."""
+  check_quantizable(x, spec, path)
+  lay = _layout(x.shape, spec, path)
+  if spec.axis != lay.axis:   # store the axis negative, so leading vmap/pmap/scan axes never shift it
+    spec = dataclasses.replace(spec, granularity=dataclasses.replace(spec.granularity, axis=lay.axis))
+  return _quantize(jnp.asarray(x), spec, lay)
+
+
+def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:
+  fmt = FORMATS[spec.format]
+  ndim, i = x.ndim, x.ndim + lay.axis
+  pad = [(0, 0)] * ndim
+  pad[i] = (0, lay.k_pad - lay.k)
+  xf = jnp.pad(x.astype(jnp.float32), pad)                                       # (..., K_pad, ...)
+  xg = _split_axis(xf, lay.axis, lay.n_groups)                                   # (..., G, g, ...)
+  valid = (jnp.arange(lay.k_pad) < lay.k).reshape(lay.n_groups, -1)              # (G, g)
+  valid = valid.reshape(valid.shape + (1,) * (ndim - i - 1))
+  red_axes = tuple(range(i, ndim + 1)) if isinstance(spec.granularity, PerTensor) else (i + 1,)
+  scale, zero = fmt.compute_params(xg, valid, red_axes, spec)                    # (..., G, 1, ...)
+  stored = jnp.squeeze(scale, i + 1).astype(spec.scale_dtype)                    # (..., G, ...)
+  if spec.double_quant:
+    stored = quantize(stored, dq_spec(spec))
+    used = stored.dequantize()
+  else:
+    used = stored
+  codes = fmt.encode(xg, jnp.expand_dims(used.astype(jnp.float32), i + 1), zero, spec)
+  codes = codes.reshape(xf.shape)                                                # (..., K_pad, ...)
+  if spec.format in PACKED and spec.bits < 8:
+    codes = packing.pack(codes, spec.bits, lay.axis)
+  zero = None if zero is None else jnp.squeeze(zero, i + 1)
+  return QArray(codes, stored, zero, spec=spec, k=lay.k, dtype=x.dtype)
+
+
+def dq_spec(spec: QuantSpec) -> QuantSpec:
+  """The second-level spec of double quantization: asymmetric 8-bit integers, groups along the scales' last
+  axis (the output channels of a Flax kernel), float32 second-level scales."""
+  return QuantSpec(format=Format.INT, bits=8, granularity=PerGroup(size=spec.dq_group_size, axis=-1),
+                   symmetric=False, scale_dtype=jnp.float32)
+
+
+# --- sharding ---------------------------------------------------------------------------------------------
+
+def qarray_sharding(q: QArray, mesh: jax.sharding.Mesh, axis_name: str, *, out_axis: int = -1):
+  """A QArray-shaped pytree of `NamedSharding`s that splits every leaf along its output axis `out_axis`
+  (default -1, the output features of a Flax kernel) over mesh axis `axis_name`; leaves whose output axis does
+  not divide evenly (e.g. a per-tensor scale) are replicated. Use with `jax.device_put(q, qarray_sharding(...))`.
+  """
+  if out_axis % q.ndim == q.axis % q.ndim:
+    raise ValueError(f"qarray_sharding: out_axis {out_axis} is the contraction axis; expected another axis")
+  n = mesh.shape[axis_name]
+
+  def one(leaf):
+    spec = [None] * leaf.ndim
+    if leaf.shape[out_axis] % n == 0:
+      spec[out_axis] = axis_name
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(one, q)

@@ -1,0 +1,166 @@
+"""QuantSpec: one description of every low-bit format, validated on construction.
+
+A spec says *what* is stored; `lowbit_jax.quantize` / `QArray` say *how*. Every spec describes a tensor whose
+values are recovered as
+
+    x ≈ decode(code) * scale                (symmetric formats)
+    x ≈ (code - zero) * scale               (asymmetric integer formats)
+
+with one `scale` (and `zero`) per *granule*. Granularity is always expressed through the **contraction axis**
+(the input axis of a matmul weight; `-2` for Flax's `(in, out)` kernels and for stacked `(layers, in, out)` ones):
+
+* `PerTensor(axis)`: one scale for the whole tensor (`axis` is only where codes are packed). Axes *before*
+  the contraction axis index a stack of tensors (scanned layers, experts), and each gets its own scale, so a
+  stacked QArray can be sliced by `vmap`/`scan` like its float original.
+* `PerChannel(axis)`: scales are shared along `axis`; every other index (output channel, layer, head) has its own.
+* `PerGroup(size, axis)`: like per-channel, but `axis` is cut into groups of `size` consecutive entries, each with
+  its own scale (GPTQ/AWQ "group size"). An axis that is not a multiple of `size` is padded to whole groups; the
+  padding is stored, counted in `QArray.nbytes`, masked out of every statistic and sliced off on dequantization,
+  so it never changes a result. With `strict=True` a non-dividing group size raises instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Union
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Format(enum.Enum):
+  """The value sets a code can stand for."""
+  INT = "int"            # uniform integers, 2/3/4/8 bits, symmetric or with a zero point
+  TERNARY = "ternary"    # {-1, 0, +1} with BitNet b1.58's absmean scale, stored in 2 bits
+  NF4 = "nf4"            # QLoRA's 16 NormalFloat levels, absmax scale per block
+  FP8_E4M3 = "fp8_e4m3"  # jnp.float8_e4m3fn codes, max 448, saturating
+  FP8_E5M2 = "fp8_e5m2"  # jnp.float8_e5m2 codes, max 57344, saturating
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerTensor:
+  """One scale per tensor (per entry of the axes before `axis`, the stack axes); codes are packed along `axis`."""
+  axis: int = -2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerChannel:
+  """Scales shared along the contraction `axis`; one per index of every other axis."""
+  axis: int = -2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerGroup:
+  """Groups of `size` consecutive entries along the contraction `axis`, one scale each."""
+  size: int
+  axis: int = -2
+
+  def __post_init__(self):
+    if not isinstance(self.size, int) or self.size < 1:
+      raise ValueError(f"PerGroup.size must be a positive int, got {self.size!r}")
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup]
+
+# Storage width in bits of one code, per format (INT takes it from `bits`).
+_FIXED_BITS = {Format.TERNARY: 2, Format.NF4: 4, Format.FP8_E4M3: 8, Format.FP8_E5M2: 8}
+_INT_BITS = (2, 3, 4, 8)
+_SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """A low-bit format and how its scales are laid out.
+
+  Attributes:
+    format: the code value set (`Format`).
+    bits: bits per stored code. Required for `Format.INT` (2, 3, 4 or 8); fixed by the format otherwise
+      (ternary 2, NF4 4, FP8 8) and may be left as None.
+    granularity: `PerTensor`, `PerChannel` or `PerGroup`, all keyed by the contraction axis.
+    symmetric: False stores a zero point per granule (integer formats only).
+    scale_dtype: dtype scales are stored in (float32, bfloat16 or float16).
+    strict: raise when a group size does not divide the contraction axis instead of padding.
+    double_quant: QLoRA's double quantization: the scales themselves are quantized to 8-bit integers in groups
+      of `dq_group_size` (needs `PerGroup`).
+    dq_group_size: block size of the second-level quantization (QLoRA: 256).
+  """
+  format: Format
+  bits: int | None = None
+  granularity: Granularity = PerChannel()
+  symmetric: bool = True
+  scale_dtype: object = jnp.float32
+  strict: bool = False
+  double_quant: bool = False
+  dq_group_size: int = 256
+
+  def __post_init__(self):
+    if not isinstance(self.format, Format):
+      raise ValueError(f"QuantSpec.format must be a lowbit_jax.Format, got {self.format!r}")
+    if self.format is Format.INT:
+      if self.bits not in _INT_BITS:
+        raise ValueError(f"QuantSpec: Format.INT supports bits in {_INT_BITS}, got bits={self.bits!r}")
+    else:
+      fixed = _FIXED_BITS[self.format]
+      if self.bits is None:
+        object.__setattr__(self, "bits", fixed)
+      elif self.bits != fixed:
+        raise ValueError(f"QuantSpec: {self.format} stores {fixed}-bit codes, got bits={self.bits!r}")
+    if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+      raise ValueError(
+          f"QuantSpec.granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
+    if not self.symmetric and self.format is not Format.INT:
+      raise ValueError(f"QuantSpec: only Format.INT has a zero point; {self.format} must be symmetric")
+    try:
+      scale_dtype = np.dtype(self.scale_dtype)
+    except TypeError as e:
+      raise ValueError(f"QuantSpec.scale_dtype: expected one of {_SCALE_DTYPES}, got {self.scale_dtype!r}") from e
+    if scale_dtype not in _SCALE_DTYPES:
+      raise ValueError(f"QuantSpec.scale_dtype: expected one of {[str(d) for d in _SCALE_DTYPES]}, "
+                       f"got {scale_dtype}")
+    object.__setattr__(self, "scale_dtype", scale_dtype)
+    if self.double_quant and not isinstance(self.granularity, PerGroup):
+      raise ValueError("QuantSpec.double_quant needs PerGroup granularity (it quantizes the per-group scales)")
+    if not isinstance(self.dq_group_size, int) or self.dq_group_size < 1:
+      raise ValueError(f"QuantSpec.dq_group_size must be a positive int, got {self.dq_group_size!r}")
+
+  @property
+  def axis(self) -> int:
+    """The contraction axis (where codes are packed and groups are cut)."""
+    return self.granularity.axis
+
+  @property
+  def group_size(self) -> int | None:
+    return self.granularity.size if isinstance(self.granularity, PerGroup) else None
+
+  @property
+  def codes_per_byte(self) -> int:
+    """How many codes of this width share one byte along the packing axis (3-bit: 8 codes in 3 bytes)."""
+    return {8: 1, 4: 2, 3: 8, 2: 4}[self.bits]
+
+
+# --- Presets: the formats of the literature, with the papers' defaults. Each returns a plain QuantSpec. ---
+
+def int_spec(bits: int, *, group_size: int | None = None, symmetric: bool = True, axis: int = -2,
+             scale_dtype=jnp.float32, strict: bool = False) -> QuantSpec:
+  """Uniform integer codes; per-channel when `group_size` is None, else per-group."""
+  gran = PerChannel(axis=axis) if group_size is None else PerGroup(size=group_size, axis=axis)
+  return QuantSpec(format=Format.INT, bits=bits, granularity=gran, symmetric=symmetric,
+                   scale_dtype=scale_dtype, strict=strict)
+
+
+def nf4_spec(*, block_size: int = 64, double_quant: bool = True, axis: int = -2) -> QuantSpec:
+  """QLoRA's NF4: blocks of 64 with absmax scales, double-quantized to 8 bits in blocks of 256."""
+  return QuantSpec(format=Format.NF4, granularity=PerGroup(size=block_size, axis=axis), double_quant=double_quant)
+
+
+def fp8_spec(fmt: Format = Format.FP8_E4M3, *, per_channel: bool = False, axis: int = -2) -> QuantSpec:
+  """FP8 (E4M3 or E5M2) with a per-tensor (default) or per-channel scale."""
+  if fmt not in (Format.FP8_E4M3, Format.FP8_E5M2):
+    raise ValueError(f"fp8_spec: expected Format.FP8_E4M3 or Format.FP8_E5M2, got {fmt}")
+  return QuantSpec(format=fmt, granularity=PerChannel(axis=axis) if per_channel else PerTensor(axis=axis))
+
+
+def ternary_spec(*, per_channel: bool = False, axis: int = -2) -> QuantSpec:
+  """BitNet b1.58: codes {-1, 0, +1}, absmean scale per tensor (the paper) or per channel."""
+  return QuantSpec(format=Format.TERNARY,
+                   granularity=PerChannel(axis=axis) if per_channel else PerTensor(axis=axis))

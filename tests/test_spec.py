@@ -1,0 +1,52 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
+
+
+def test_fixed_bits_filled_in():
+  assert QuantSpec(format=Format.NF4, granularity=PerGroup(size=64)).bits == 4
+  assert lb.ternary_spec().bits == 2
+  assert lb.fp8_spec().bits == 8
+  assert lb.int_spec(4, scale_dtype=jnp.bfloat16).scale_dtype == np.dtype(jnp.bfloat16)
+
+
+def test_spec_is_hashable_and_keyword_only():
+  s = lb.int_spec(4, group_size=128)
+  assert hash(s) == hash(lb.int_spec(4, group_size=128))
+  with pytest.raises(TypeError):
+    QuantSpec(Format.INT, 4)  # positional arguments are not accepted
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(format=Format.INT, bits=5), "bits in"),
+    (dict(format=Format.INT, bits=1), "bits in"),
+    (dict(format=Format.INT), "bits in"),
+    (dict(format=Format.NF4, bits=3), "stores 4-bit"),
+    (dict(format=Format.FP8_E4M3, bits=4), "stores 8-bit"),
+    (dict(format="int", bits=4), "lowbit_jax.Format"),
+    (dict(format=Format.NF4, symmetric=False), "zero point"),
+    (dict(format=Format.INT, bits=4, scale_dtype=jnp.int8), "scale_dtype"),
+    (dict(format=Format.INT, bits=4, granularity="per_channel"), "granularity"),
+    (dict(format=Format.INT, bits=4, double_quant=True), "double_quant"),
+])
+def test_invalid_specs_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    QuantSpec(**kwargs)
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.5])
+def test_invalid_group_size(size):
+  with pytest.raises(ValueError, match="PerGroup.size"):
+    PerGroup(size=size)
+
+
+def test_codes_per_byte_and_axis():
+  assert lb.int_spec(3).codes_per_byte == 8
+  assert lb.int_spec(4).codes_per_byte == 2
+  assert lb.int_spec(4, group_size=32, axis=0).axis == 0
+  assert lb.int_spec(8).group_size is None
+  assert isinstance(lb.fp8_spec(per_channel=True).granularity, PerChannel)
+  assert isinstance(lb.fp8_spec().granularity, PerTensor)

@@ -225,11 +225,17 @@ def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:
   else:
     used = stored
   codes = fmt.encode(xg, jnp.expand_dims(used.astype(jnp.float32), i + 1), zero, spec)
-  codes = codes.reshape(xf.shape)                                                # (..., K_pad, ...)
-  if spec.format in PACKED and spec.bits < 8:
-    codes = packing.pack(codes, spec.bits, lay.axis)
   zero = None if zero is None else jnp.squeeze(zero, i + 1)
-  return QArray(codes, stored, zero, spec=spec, k=lay.k, dtype=x.dtype)
+  return from_codes(codes.reshape(xf.shape), stored, zero, spec=spec, k=lay.k, dtype=x.dtype)
+
+
+def from_codes(codes, scale, zero, *, spec: QuantSpec, k: int, dtype) -> QArray:
+  """Assemble a QArray from *unpacked* codes (`uint8`, or float8 for FP8; padded axis of length K_pad at the
+  spec's negative axis), stored scales (or a nested QArray) and zero points. Algorithms that choose codes
+  themselves (GPTQ, AWQ) build their result with this; `dequantize` then gives ``(code - zero) * scale``."""
+  if spec.format in PACKED and spec.bits < 8:
+    codes = packing.pack(codes, spec.bits, spec.axis)
+  return QArray(codes, scale, zero, spec=spec, k=k, dtype=dtype)
 
 
 def dq_spec(spec: QuantSpec) -> QuantSpec:

@@ -21,12 +21,12 @@ also the layout GGUF stores wq/wk in.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,7 +146,7 @@ class Attention(nn.Module):
       cache = (k, v)
       key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)  # (t=max_len,)
     q = q.reshape(b, s, kvh, g, hd)  # (b, s, kvh, g, hd): head h = kv_head * g + group
-    scores = jnp.einsum("bskgd,btkd->bkgst", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(hd)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(hd)
     mask = key_positions[None, :] <= positions[:, None]  # (s, t) causal
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)  # (b, kvh, g, s, t) f32
@@ -202,16 +202,18 @@ class Llama(nn.Module):
     """tokens: (batch, seq) int, at positions start_pos + [0, seq).
 
     Without a cache: returns logits (batch, seq, vocab) f32, attending causally within `tokens`.
-    With a cache (see `init_cache`; its max_len must be >= start_pos + seq): writes this chunk's keys/values at
-    [start_pos, start_pos + seq), attends to every earlier cached position, and returns (logits, new cache).
+    With a cache (see `init_cache`): writes this chunk's keys/values at [start_pos, start_pos + seq), attends to
+    every earlier cached position, and returns (logits, new cache). The caller keeps start_pos + seq <= max_len:
+    start_pos may be traced, so it is not checked, and `dynamic_update_slice` would clamp the write.
     """
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
-    unrolled_layout = self.has_variable("params", "layers_0")
-    if self.has_variable("params", "layers" if not self.scan_layers else "layers_0"):
-      raise ValueError(f"params are in the {'unrolled' if unrolled_layout else 'scanned'} layout but scan_layers="
+    if self.has_variable("params", "layers_0" if self.scan_layers else "layers"):
+      raise ValueError(f"params are in the {'unrolled' if self.scan_layers else 'scanned'} layout but scan_layers="
                        f"{self.scan_layers}; convert with stack_layers / unstack_layers")
+    if cache is not None and tokens.shape[1] > cache.k.shape[2]:
+      raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of max_len {cache.k.shape[2]}")
     start_pos = jnp.asarray(start_pos, jnp.int32)
     embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=jnp.float32, name="tok_embeddings")
     x = embed(tokens)  # (b, s, dim)
@@ -242,8 +244,10 @@ class Llama(nn.Module):
 def stack_layers(params: Params, n_layers: int) -> Params:
   """Unrolled layout (`layers_{i}/...`) -> scanned layout (`layers/...`, leading axis n_layers). Other keys kept."""
   missing = [f"layers_{i}" for i in range(n_layers) if f"layers_{i}" not in params]
-  if missing:
-    raise ValueError(f"stack_layers: params lack {missing}")
+  n_found = sum(k.startswith("layers_") for k in params)
+  if missing or n_found != n_layers:
+    raise ValueError(f"stack_layers: expected layers_0..layers_{n_layers - 1}, found {n_found} layers_* entries, "
+                     f"missing {missing}")
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])
   return out

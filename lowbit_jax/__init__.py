@@ -1,6 +1,8 @@
 """lowbit_jax: low-bit LLM quantization as functional transforms over JAX parameter pytrees and jaxprs.
 
+    calib = lowbit_jax.calibrate(apply_fn, params, batches)      # statistics of every weight-consuming dot
     qparams = lowbit_jax.rtn(params, lowbit_jax.int_spec(4, group_size=128))
+    logits = lowbit_jax.quantized(apply_fn)(qparams, tokens)     # the unmodified model on packed weights
     print(lowbit_jax.memory_report(qparams))
 """
 from lowbit_jax.memory import MemoryReport, memory_report
@@ -8,8 +10,10 @@ from lowbit_jax.qarray import QArray, qarray_sharding, quantize
 from lowbit_jax.rtn import rtn
 from lowbit_jax.spec import (Format, PerChannel, PerGroup, PerTensor, QuantSpec, fp8_spec, int_spec, nf4_spec,
                              ternary_spec)
+from lowbit_jax.passes import Calibration, Stat, analyze, calibrate, quantized  # noqa: E402  (after the core)
 
 __all__ = [
     "Format", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "int_spec", "nf4_spec", "fp8_spec",
     "ternary_spec", "QArray", "quantize", "qarray_sharding", "rtn", "memory_report", "MemoryReport",
+    "calibrate", "Calibration", "Stat", "analyze", "quantized",
 ]

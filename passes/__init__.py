@@ -1,4 +1,19 @@
-"""jaxpr passes (installed as ``lowbit_jax.passes``): interpreter, weight-origin analysis, capture, rewrite.
+"""jaxpr passes (installed as ``lowbit_jax.passes``): quantization as compiler passes over traced functions.
 
-Populated by the jaxpr-passes issue; this package exists so the install mapping is in place from the start.
+    calib = calibrate(apply_fn, params, batches)      # statistics of every weight-consuming dot_general
+    qapply = quantized(apply_fn)                      # the same function, QArray leaves run through qmatmul
+    analyze(apply_fn, params, x).sites                # which leaf feeds which dot, through which views
+
+Modules: `interpreter` (jaxpr evaluation with per-primitive rules and rebuilt control flow), `origin` (leaf
+coordinates of views), `qviews` (views on packed QArrays), `values` (the special values and their rules),
+`capture` (statistics), `rewrite` (`quantized`), `calibration` (public API), `trace` (tracing entry point).
 """
+from lowbit_jax.passes.calibration import Analysis, Calibration, WeightCalibration, analyze, calibrate
+from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats, collect
+from lowbit_jax.passes.origin import DotSite, Note, Side
+from lowbit_jax.passes.rewrite import QuantizedFn, quantized
+
+__all__ = [
+    "calibrate", "Calibration", "WeightCalibration", "analyze", "Analysis", "quantized", "QuantizedFn",
+    "Stat", "Stats", "ALL_STATS", "collect", "DotSite", "Note", "Side",
+]

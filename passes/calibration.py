@@ -1,0 +1,293 @@
+"""Public API of the passes: `calibrate` (-> `Calibration`) and `analyze` (-> the weight-consuming dots).
+
+    calib = lowbit_jax.calibrate(lambda p, x: model.apply({'params': p}, x), params, batches)
+    calib['layers/attention/wq/kernel'].hessian      # (n_layers, K, K) for a scanned stack, (K, K) otherwise
+
+`apply_fn(params, batch)` is traced once (under `jax.jit`) and re-run on every batch; statistics stream in float32
+(see `passes/capture.py`). Batches may be sharded `jax.Array`s (e.g. `NamedSharding` over a data mesh axis): the
+jitted step reduces over shards, so the statistics equal a one-device run.
+
+Invariants of a `Calibration`: every selected leaf has an entry (otherwise `calibrate` raises, naming it and why);
+entries are in the order the trace first consumes the weights (the order sequential algorithms visit layers);
+stacked statistics have one leading axis per `stacked_axes` entry of the leaf (outermost scan first).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Collection, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lowbit_jax import select as sel
+from lowbit_jax.passes import capture, trace
+from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats
+from lowbit_jax.passes.interpreter import Ctx
+from lowbit_jax.passes.origin import DotSite, Note
+from lowbit_jax.passes.values import WeightHandler, is_array
+from lowbit_jax.qarray import QArray
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightCalibration:
+  """Statistics of the activations feeding one weight leaf (see `capture.Stats` for the fields)."""
+  path: tuple
+  stats: Stats = dataclasses.field(repr=False)
+  sites: tuple[DotSite, ...] = dataclasses.field(repr=False)
+  contract_axes: tuple[int, ...]   # leaf axes the statistics' K enumerates (ascending, row-major)
+  stacked_axes: tuple[int, ...]    # leaf axes matching the statistics' leading axes (per layer)
+
+  @property
+  def where(self) -> str:
+    return sel.path_repr(self.path)
+
+  @property
+  def hessian(self):
+    return self.stats.hessian
+
+  @property
+  def xtx(self):
+    return self.stats.xtx
+
+  @property
+  def count(self):
+    return self.stats.count
+
+  @property
+  def absmax(self):
+    return self.stats.absmax
+
+  @property
+  def abs_mean(self):
+    return self.stats.abs_mean
+
+  @property
+  def outlier_fraction(self):
+    return self.stats.outlier_fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """{leaf: WeightCalibration} in first-use order, indexable by key path, "a/b/kernel" or "params['a']['b']".
+
+  Keeps what a sequential algorithm needs to re-run later layers on its partly quantized parameters:
+  `recalibrate(params)` re-runs the same apply function on the same batches with the same options.
+  """
+  weights: dict = dataclasses.field(repr=False)
+  notes: tuple[Note, ...] = dataclasses.field(repr=False)
+  n_batches: int
+  apply_fn: Callable = dataclasses.field(repr=False)
+  batches: tuple = dataclasses.field(repr=False)
+  options: dict = dataclasses.field(repr=False)
+
+  def __repr__(self):
+    return (f"Calibration({len(self.weights)} weights, {self.n_batches} batches, {len(self.notes)} notes: "
+            f"{', '.join(list(self.weights)[:3])}{', ...' if len(self.weights) > 3 else ''})")
+
+  def _lookup(self, key) -> str:
+    if isinstance(key, tuple):
+      key = sel.path_repr(key)
+    if key in self.weights:
+      return key
+    for k, w in self.weights.items():
+      if sel.path_str(w.path) == key:
+        return k
+    raise KeyError(f"Calibration has no statistics for {key!r}; it has {list(self.weights)[:8]}...")
+
+  def __getitem__(self, key) -> WeightCalibration:
+    return self.weights[self._lookup(key)]
+
+  def __contains__(self, key) -> bool:
+    try:
+      self._lookup(key)
+      return True
+    except KeyError:
+      return False
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.weights)
+
+  def __len__(self) -> int:
+    return len(self.weights)
+
+  @property
+  def order(self) -> list[tuple]:
+    """Key paths in the order the function first consumes them."""
+    return [w.path for w in self.weights.values()]
+
+  def recalibrate(self, params) -> "Calibration":
+    """Statistics of `params` (e.g. with earlier layers already quantized) on the stored batches."""
+    return calibrate(self.apply_fn, params, self.batches, **self.options)
+
+
+def _structure(batch):
+  flat, tree = jax.tree_util.tree_flatten_with_path(batch)
+  return tree, [(path, tuple(np.shape(x)), np.dtype(getattr(x, "dtype", np.asarray(x).dtype)))
+                for path, x in flat]
+
+
+def _check_batch(i: int, batch, ref) -> None:
+  tree, leaves = _structure(batch)
+  if tree != ref[0]:
+    raise ValueError(f"calibrate: batch {i} has structure {tree}; expected the structure of batch 0: {ref[0]}")
+  for (path, shape, dtype), (_, rshape, rdtype) in zip(leaves, ref[1]):
+    if shape != rshape or dtype != rdtype:
+      raise ValueError(f"calibrate: batch{jax.tree_util.keystr(path)} of batch {i} has shape {shape} and dtype "
+                       f"{dtype}; expected shape {rshape} and dtype {rdtype} like batch 0 (all batches must "
+                       f"share one shape so the traced function is reused)")
+
+
+def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collection[Stat] = ALL_STATS,
+              where: sel.Where = None, outlier_threshold: float = 6.0) -> Calibration:
+  """Collect activation statistics for every selected weight, streaming over `batches`.
+
+  Args:
+    apply_fn: `apply_fn(params, batch)`; any Flax linen / NNX / transformers function, unmodified.
+    params: the parameter pytree (QArray leaves run quantized and are not calibrated).
+    batches: an iterable of batches (all with one structure, shape and dtype).
+    stats: which `Stat`s to collect (the Hessian costs K² per weight).
+    where: which leaves (see `lowbit_jax.select`); default: the linear weights.
+    outlier_threshold: |x| above which an entry counts as an LLM.int8 outlier.
+
+  Raises:
+    ValueError: naming the leaf or batch, when the selector matches nothing, a selected leaf feeds no
+      `dot_general` (with what consumed it instead), batches differ in structure/shape/dtype, `apply_fn` fails
+      on `params`, or the activations feeding a weight contain NaN/inf.
+  """
+  stats = frozenset(stats)
+  if not stats or not all(isinstance(s, Stat) for s in stats):
+    raise ValueError(f"calibrate: stats must be a non-empty collection of lowbit_jax.passes.Stat, got {stats!r}")
+  chosen = sel.select(params, where)
+  tagged = frozenset(chosen)
+  batches = tuple(batches)
+  if not batches:
+    raise ValueError("calibrate: batches is empty; expected at least one batch")
+  ref = _structure(batches[0])
+  traced: dict[str, Ctx] = {}
+  described = [(jax.tree_util.keystr(p), shape, str(d)) for p, shape, d in ref[1]]
+
+  def guarded(p, batch):
+    try:
+      return apply_fn(p, batch)
+    except Exception as e:
+      raise ValueError(f"calibrate: apply_fn(params, batch) failed while tracing (batch leaves {described}); "
+                       f"expected params and batches that match the function: {type(e).__name__}: {e}") from e
+
+  def step(p, batch):
+    _, emitted, ctx = capture.collect(guarded, p, batch, tagged=tagged, stats=stats,
+                                      outlier_threshold=outlier_threshold)
+    traced["ctx"] = ctx
+    return emitted
+
+  step = jax.jit(step)
+  merge = jax.jit(capture.merge)
+  total = None
+  for i, batch in enumerate(tqdm(batches, desc="calibrate", leave=False, disable=len(batches) < 8)):
+    _check_batch(i, batch, ref)
+    emitted = step(params, batch)
+    counts = jax.device_get({k: s.nonfinite for k, s in emitted.items()})
+    bad = {k[0]: np.asarray(v) for k, v in counts.items() if np.any(np.asarray(v) > 0)}
+    if bad:
+      first = next((s.where for s in traced["ctx"].sites if s.where in bad), next(iter(bad)))
+      n = bad[first]
+      layers = f" (per-layer counts {n.tolist()})" if n.ndim else ""
+      raise ValueError(f"{first}: the activations feeding this weight contain {int(n.sum())} NaN/inf value(s) in "
+                       f"batch {i}{layers}; expected finite activations (check the batch and the float "
+                       f"parameters upstream)")
+    total = emitted if total is None else merge(total, emitted)
+  ctx = traced["ctx"]
+  weights = _assemble(chosen, total, ctx)
+  options = dict(stats=stats, where=where, outlier_threshold=outlier_threshold)
+  return Calibration(weights=weights, notes=tuple(ctx.notes), n_batches=len(batches), apply_fn=apply_fn,
+                     batches=batches, options=options)
+
+
+def _assemble(chosen: dict, total: dict, ctx: Ctx) -> dict:
+  by_where: dict[str, list] = {}
+  for key, st in total.items():
+    by_where.setdefault(key[0], []).append((key, st))
+  sites: dict[str, list] = {}
+  for s in ctx.sites:
+    sites.setdefault(s.where, []).append(s)
+  missing = [p for p in chosen if sel.path_repr(p) not in by_where]
+  if missing:
+    lines = []
+    for p in missing:
+      w = sel.path_repr(p)
+      why = [f"{n.primitive}: {n.reason}" for n in ctx.notes if n.where == w] or ["it is never used"]
+      lines.append(f"{w} (shape {tuple(np.shape(chosen[p]))}): {'; '.join(dict.fromkeys(why))}")
+    raise ValueError("calibrate: selected weight(s) feed no dot_general with traceable statistics, so they cannot "
+                     "be calibrated (narrow `where`, or check that params match the function):\n  "
+                     + "\n  ".join(lines))
+  order = list(dict.fromkeys(s.where for s in ctx.sites if s.where in by_where))
+  out = {}
+  paths = {sel.path_repr(p): p for p in chosen}
+  for w in order:
+    entries = by_where[w]
+    st = _stack_indexed(entries, paths[w], chosen[paths[w]])
+    site_list = tuple(sites.get(w, ()))
+    first = next(s for s in site_list if s.contract_axes)
+    stacked = first.stacked_axes if entries[0][0][1] else ()
+    if len(entries) > 1 and all(k[2] for k, _ in entries):
+      stacked = (entries[0][0][2][0][0],)
+    out[w] = WeightCalibration(path=paths[w], stats=st, sites=site_list, contract_axes=first.contract_axes,
+                               stacked_axes=stacked)
+  return out
+
+
+def _stack_indexed(entries, path, leaf) -> Stats:
+  """One leaf used through static indices (`w[0]`, `w[1]`, ...): stack the per-index statistics."""
+  if len(entries) == 1:
+    return entries[0][1]
+  axes = {k[2][0][0] if len(k[2]) == 1 else None for k, _ in entries}
+  if len(axes) == 1 and None not in axes and not any(k[1] for k, _ in entries):
+    (axis,) = axes
+    n = np.shape(leaf)[axis]
+    by_index = {k[2][0][1]: st for k, st in entries}
+    zero = jax.tree.map(jnp.zeros_like, entries[0][1])
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[by_index.get(i, zero) for i in range(n)])
+  c = capture.Collector()
+  out = entries[0][1]
+  for _, st in entries[1:]:
+    out = c.merge(out, st)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+  """The weight-consuming dots of a function (`sites`) and where selected weights left the view chain (`notes`)."""
+  sites: tuple[DotSite, ...]
+  notes: tuple[Note, ...]
+
+  def by_path(self) -> dict[str, list[DotSite]]:
+    out: dict[str, list[DotSite]] = {}
+    for s in self.sites:
+      out.setdefault(s.where, []).append(s)
+    return out
+
+
+def analyze(apply_fn: Callable, params, *args, where: sel.Where = None, **kwargs) -> Analysis:
+  """Weight-origin analysis of `apply_fn(params, *args, **kwargs)`, abstractly (nothing is computed): every
+  `dot_general` fed by a selected float leaf or a QArray leaf, in leaf coordinates, with its nesting."""
+  try:
+    tagged = frozenset(sel.select(params, where))
+  except ValueError:
+    if not any(isinstance(l, QArray) for l in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))):
+      raise
+    tagged = frozenset()   # a quantized tree: its QArray leaves are analysed
+  box: dict[str, Any] = {}
+
+  leaves, tree = jax.tree.flatten((params, args, kwargs), is_leaf=lambda x: isinstance(x, QArray))
+  dynamic = [isinstance(x, QArray) or is_array(x) for x in leaves]
+
+  def run(*dyn):
+    it = iter(dyn)
+    p, a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+    out, ctx = trace.evaluate(apply_fn, p, a, kw, WeightHandler(), tagged=tagged)
+    box["ctx"] = ctx
+    return out
+
+  jax.eval_shape(run, *[x for x, d in zip(leaves, dynamic) if d])
+  return Analysis(sites=tuple(box["ctx"].sites), notes=tuple(box["ctx"].notes))

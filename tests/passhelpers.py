@@ -1,0 +1,70 @@
+"""Small models and helpers shared by the tests of `lowbit_jax.passes`."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lowbit_jax as lb
+
+
+def is_q(x) -> bool:
+  return isinstance(x, lb.QArray)
+
+
+@jax.jit
+def dequantized(tree):
+  """The float tree a quantized tree stands for (jitted: one compile instead of many eager unpack ops)."""
+  return jax.tree.map(lambda l: l.dequantize() if is_q(l) else l, tree, is_leaf=is_q)
+
+
+def random_like(shapes, seed: int = 0, scale: float = 0.1):
+  """Random float params with the structure of a `jax.eval_shape` tree (avoids compiling a model's init)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape).astype(s.dtype)), shapes)
+
+
+def assert_close(a, b, tol=1e-5):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  scale = max(1.0, float(np.max(np.abs(b))))
+  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+class Block(nn.Module):
+  """relu MLP block with a residual; (carry, x) signature for nn.scan."""
+  hidden: int = 24
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.Dense(self.hidden, name="up")(x)
+    return x + nn.Dense(x.shape[-1], name="down")(jax.nn.relu(h)), None
+
+
+class ScanModel(nn.Module):
+  """Dense -> nn.scan(nn.remat(Block)) over `n_layers` -> Dense."""
+  n_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16, name="inp")(x)
+    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=self.n_layers)
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(8, name="head")(x)
+
+
+def scan_model_layer_inputs(params, x):
+  """By hand: the inputs of every Dense of ScanModel, {name: list of (rows, K) arrays per layer}."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  out = {"inp": [x], "up": [], "down": [], "head": []}
+  x = x @ p["inp"]["kernel"] + p["inp"]["bias"]
+  for i in range(p["layers"]["up"]["kernel"].shape[0]):
+    lp = jax.tree.map(lambda a, i=i: a[i], p["layers"])
+    out["up"].append(x)
+    h = np.maximum(x @ lp["up"]["kernel"] + lp["up"]["bias"], 0.0)
+    out["down"].append(h)
+    x = x + h @ lp["down"]["kernel"] + lp["down"]["bias"]
+  out["head"].append(x)
+  return {k: [v.reshape(-1, v.shape[-1]) for v in vs] for k, vs in out.items()}

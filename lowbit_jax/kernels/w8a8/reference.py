@@ -1,0 +1,77 @@
+"""The spec of `w8a8_matmul`: dynamic 8-bit activation quantization, then an 8-bit x 8-bit contraction.
+
+    xq, sx = quantize_activations(x, act_format(w), per_token)      # sx: (..., 1) per token, or one scalar
+    out[..., n] = sx[...] * sum_g  scale[g, n] * sum_{k in g} xq[..., k] * (code[k, n] - zero[g, n])
+
+INT weights (and ternary) use int8 activations (symmetric, absmax / 127, SmoothQuant's dynamic per-token
+quantization) and an exact int32 contraction; FP8 weights use E4M3 activations (absmax / 448) and an f32
+contraction of the FP8 values (products of two FP8 numbers are exact in f32); NF4 weights use int8 activations
+and an f32 contraction with the NF4 levels. Result in x.dtype.
+
+Gradient: the activation quantizer is straight-through (QAT's STE), so d/dx and d/dscale are those of the
+weight-only product ``x @ w`` (`kernels.qmatmul.reference`), which is what `with_reference_vjp` wires.
+This module never imports Pallas.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.formats import fp8
+from lowbit_jax.kernels import common
+from lowbit_jax.kernels.qmatmul import reference as weight_only
+from lowbit_jax.qarray import QArray
+from lowbit_jax.spec import Format
+
+INT8_MAX = 127
+_FP8 = (Format.FP8_E4M3, Format.FP8_E5M2)
+
+
+def act_format(w: QArray) -> Format:
+  """The activation format paired with w: E4M3 for FP8 weights, INT (8-bit) otherwise."""
+  return Format.FP8_E4M3 if w.spec.format in _FP8 else Format.INT
+
+
+def quantize_activations(x, fmt: Format, *, per_token: bool = True):
+  """Dynamic symmetric 8-bit quantization of x (..., K): (codes (..., K), scale f32 (..., 1) or (1,)*ndim).
+
+  INT: int8 codes in [-127, 127], scale = absmax / 127. FP8_E4M3: float8_e4m3fn codes, scale = absmax / 448,
+  saturating. An all-zero row (or tensor) gets scale 1, so the result is always finite.
+  """
+  xf = x.astype(jnp.float32)
+  axes = (-1,) if per_token else tuple(range(x.ndim))
+  absmax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+  if fmt is Format.INT:
+    qmax = np.float32(INT8_MAX)
+  elif fmt in _FP8:
+    qmax = np.float32(fp8.fmax(fmt))
+  else:
+    raise ValueError(f"quantize_activations: expected Format.INT or an FP8 format, got {fmt}")
+  scale = jnp.where(absmax > 0, absmax / qmax, np.float32(1.0))
+  q = jnp.clip(xf / scale, -qmax, qmax)
+  codes = jnp.round(q).astype(jnp.int8) if fmt is Format.INT else q.astype(fp8.DTYPES[fmt])
+  return codes, scale
+
+
+def _forward(x, w: QArray, *, per_token: bool):
+  k_pad, groups = w.k_pad, w.n_groups
+  xq, sx = quantize_activations(x, act_format(w), per_token=per_token)
+  xq = jnp.pad(xq, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - w.k)])                 # (..., K_pad)
+  vals = w.code_values()                                                          # (K_pad, N) f32
+  exact = w.spec.format in (Format.INT, Format.TERNARY)
+  acc_t = jnp.int32 if exact else jnp.float32
+  a = xq.astype(acc_t).reshape(x.shape[:-1] + (groups, k_pad // groups))          # (..., G, g)
+  b = vals.astype(acc_t).reshape(groups, k_pad // groups, -1)                     # (G, g, N)
+  partial = jnp.einsum("...gk,gkn->...gn", a, b, preferred_element_type=acc_t)    # (..., G, N)
+  scale = jnp.broadcast_to(w.scale_values(), (groups, vals.shape[-1]))
+  out = jnp.einsum("...gn,gn->...n", partial.astype(jnp.float32), scale, preferred_element_type=jnp.float32)
+  return (out * sx).astype(x.dtype)
+
+
+def w8a8_matmul(x, w: QArray, *, per_token: bool = True):
+  """``quantize_activations(x) @ w`` for a 2-D QArray w (K, N), x (..., K) float -> (..., N) in x.dtype.
+  Differentiable with a straight-through activation quantizer (see the module docstring)."""
+  fwd = functools.partial(_forward, per_token=per_token)
+  return common.with_reference_vjp(fwd, weight_only.qmatmul)(x, w)

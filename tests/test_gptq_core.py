@@ -82,6 +82,16 @@ def test_reruns_are_bit_identical():
   np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
 
 
+@pytest.mark.parametrize("k, blocksize", [(64, 128), (172, 128), (100, 64)])
+def test_padding_past_the_last_group_never_overwrites_it(k, blocksize):
+  """K smaller than (or not a multiple of) the block: the padded columns must not touch stored groups."""
+  x, w, h = _layer(k=k, n=16, seed=8)
+  spec = lb.int_spec(4, group_size=32)
+  deq = np.asarray(gptq_core(w, h, spec, blocksize=blocksize).q.dequantize())
+  rtn = np.asarray(lb.quantize(w, spec).dequantize())
+  assert np.linalg.norm(x @ (w - deq)) < np.linalg.norm(x @ (w - rtn))
+
+
 def test_dead_inputs_and_padding():
   x, w, h = _layer(k=172, n=16, seed=5)       # 172: not a multiple of the group size
   h[10, :] = h[:, 10] = 0                     # a dead input channel

@@ -77,9 +77,10 @@ def _gptq_loop(Wt, Hinv, perm, S0, Z0, *, spec: QuantSpec, blocksize: int, dynam
       new_s, new_z = _params(lax.dynamic_slice(W_outer, (0, p), (n, g)), spec)
       cur_s = jnp.where(start, new_s, cur_s)
       cur_z = jnp.where(start, new_z, cur_z) if asym else None
+      store = start & (p // g < n_groups)             # block padding past K_pad has no stored group
       grow = jnp.minimum(p // g, n_groups - 1)
-      S = jnp.where(start, S.at[grow].set(cur_s), S)
-      Z = jnp.where(start, Z.at[grow].set(cur_z), Z) if asym else None
+      S = jnp.where(store, S.at[grow].set(cur_s), S)
+      Z = jnp.where(store, Z.at[grow].set(cur_z), Z) if asym else None
     else:
       grow = jnp.minimum(perm[p] // g, n_groups - 1) if n_groups > 1 else 0
       cur_s, cur_z = S[grow], (Z[grow] if asym else None)

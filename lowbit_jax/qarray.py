@@ -18,6 +18,10 @@ number of scale granules along it (1 for per-channel / per-tensor):
     scale : spec.scale_dtype, `axis` of length G, every other axis full (per-tensor: length 1 from `axis` on);
             under double quantization, itself a QArray (8-bit, groups of dq_group_size along its last axis)
     zero  : uint8 like `scale` (asymmetric INT only), else None
+    in_scale : optional float32 per-input-channel factor s (AWQ, SmoothQuant), length K at `axis`, the
+            stack axes before it full, 1 after it: the stored codes quantize s ⊙ W, and
+            ``dequantize() = (code - zero) * scale / s``, so ``x @ W == (x / s) @ (s ⊙ W)`` runs the kernel on
+            ``x / s``
 
 `K_pad` rounds K up to whole groups and to the packing multiple; padded entries are zeros, masked out of every
 statistic and sliced off by `dequantize`, so padding never changes a value. Because the spec's axis is stored
@@ -48,10 +52,11 @@ def _where(path: str | None) -> str:
 class QArray:
   """Packed low-bit codes with their scales; see the module docstring for the invariants."""
 
-  def __init__(self, codes, scale, zero, *, spec: QuantSpec, k: int, dtype):
+  def __init__(self, codes, scale, zero, *, spec: QuantSpec, k: int, dtype, in_scale=None):
     self.codes = codes
     self.scale = scale
     self.zero = zero
+    self.in_scale = in_scale
     self.spec = spec
     self.k = k
     self.dtype = np.dtype(dtype)
@@ -59,13 +64,13 @@ class QArray:
   # --- pytree ---------------------------------------------------------------------------------------------
   def tree_flatten_with_keys(self):
     children = ((GetAttrKey("codes"), self.codes), (GetAttrKey("scale"), self.scale),
-                (GetAttrKey("zero"), self.zero))
+                (GetAttrKey("zero"), self.zero), (GetAttrKey("in_scale"), self.in_scale))
     return children, (self.spec, self.k, self.dtype)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)   # no validation: leaves may be tracers, ShapeDtypeStructs or shardings
-    obj.codes, obj.scale, obj.zero = children
+    obj.codes, obj.scale, obj.zero, obj.in_scale = children
     obj.spec, obj.k, obj.dtype = aux
     return obj
 
@@ -135,7 +140,14 @@ class QArray:
     grouped = _split_axis(vals, self.axis, self.n_groups)                      # (..., G, g, ...)
     out = grouped * _expand(self.scale_values(), self.axis)                    # scale (..., G, 1, ...)
     out = out.reshape(vals.shape)                                              # (..., K_pad, ...)
-    return lax.slice_in_dim(out, 0, self.k, axis=out.ndim + self.axis).astype(self.dtype)
+    out = lax.slice_in_dim(out, 0, self.k, axis=out.ndim + self.axis)
+    if self.in_scale is not None:
+      out = out / self.in_scale.astype(jnp.float32)
+    return out.astype(self.dtype)
+
+  def without_in_scale(self) -> "QArray":
+    """The stored codes as a QArray of s ⊙ W (what a kernel multiplies ``x / s`` with)."""
+    return QArray(self.codes, self.scale, self.zero, spec=self.spec, k=self.k, dtype=self.dtype)
 
 
 def _expand(a, axis):
@@ -229,13 +241,28 @@ def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:
   return from_codes(codes.reshape(xf.shape), stored, zero, spec=spec, k=lay.k, dtype=x.dtype)
 
 
-def from_codes(codes, scale, zero, *, spec: QuantSpec, k: int, dtype) -> QArray:
+def from_codes(codes, scale, zero, *, spec: QuantSpec, k: int, dtype, in_scale=None) -> QArray:
   """Assemble a QArray from *unpacked* codes (`uint8`, or float8 for FP8; padded axis of length K_pad at the
   spec's negative axis), stored scales (or a nested QArray) and zero points. Algorithms that choose codes
   themselves (GPTQ, AWQ) build their result with this; `dequantize` then gives ``(code - zero) * scale``."""
   if spec.format in PACKED and spec.bits < 8:
     codes = packing.pack(codes, spec.bits, spec.axis)
-  return QArray(codes, scale, zero, spec=spec, k=k, dtype=dtype)
+  return QArray(codes, scale, zero, spec=spec, k=k, dtype=dtype, in_scale=in_scale)
+
+
+def with_in_scale(x, s, spec: QuantSpec, *, path: str | None = None) -> QArray:
+  """Quantize ``s ⊙ x`` (s scales the contraction axis) and keep `s`, so that the QArray still stands for x:
+  ``x @ W == (x / s) @ Q(s ⊙ W)`` (AWQ's and SmoothQuant's per-input-channel scaling, when it cannot be folded
+  into the preceding operation). `s`: positive, shape (K,) or the stack axes then K."""
+  x = jnp.asarray(x)
+  i = x.ndim + (spec.axis if spec.axis < 0 else spec.axis - x.ndim)
+  s = jnp.asarray(s, jnp.float32)
+  s = s.reshape(s.shape + (1,) * (x.ndim - i - 1))                             # K at the axis, 1 after it
+  if s.ndim != x.ndim or s.shape[i] != x.shape[i]:
+    raise ValueError(f"{_where(path)}in_scale of shape {s.shape[:i + 1]} does not fit a weight of shape "
+                     f"{x.shape} quantized along axis {spec.axis}; expected (..., {x.shape[i]})")
+  q = quantize(x.astype(jnp.float32) * s, spec, path=path)
+  return QArray(q.codes, q.scale, q.zero, spec=q.spec, k=q.k, dtype=x.dtype, in_scale=s)
 
 
 def dq_spec(spec: QuantSpec) -> QuantSpec:

@@ -27,16 +27,16 @@ class ViewError(Exception):
   """The view cannot be applied to the packed leaves (it touches the contraction axis)."""
 
 
-def _with(q: QArray, codes, scale, zero, axis: int | None = None, dtype=None) -> QArray:
+def _with(q: QArray, codes, scale, zero, axis: int | None = None, dtype=None, in_scale=None) -> QArray:
   spec = q.spec
   if axis is not None and axis != spec.axis:
     spec = dataclasses.replace(spec, granularity=dataclasses.replace(spec.granularity, axis=axis))
-  return QArray.tree_unflatten((spec, q.k, q.dtype if dtype is None else dtype), (codes, scale, zero))
+  return QArray.tree_unflatten((spec, q.k, q.dtype if dtype is None else dtype), (codes, scale, zero, in_scale))
 
 
 def with_dtype(q: QArray, dtype) -> QArray:
   """The same QArray, dequantizing to `dtype` (a float `convert_element_type` of the weight)."""
-  return _with(q, q.codes, q.scale, q.zero, dtype=dtype)
+  return _with(q, q.codes, q.scale, q.zero, dtype=dtype, in_scale=q.in_scale)
 
 
 def resolve_scales(q: QArray) -> QArray:
@@ -44,7 +44,7 @@ def resolve_scales(q: QArray) -> QArray:
   if not isinstance(q.scale, QArray):
     return q
   spec = dataclasses.replace(q.spec, double_quant=False, scale_dtype=jnp.float32)
-  return QArray.tree_unflatten((spec, q.k, q.dtype), (q.codes, q.scale_values(), q.zero))
+  return QArray.tree_unflatten((spec, q.k, q.dtype), (q.codes, q.scale_values(), q.zero, q.in_scale))
 
 
 def _scale_view(q: QArray, view, leaf_fn):
@@ -63,7 +63,8 @@ def transpose(q: QArray, perm) -> QArray:
   new_axis = perm.index(nd + q.axis) - nd
   scale, q = _scale_view(q, lambda s: transpose(s, perm), lambda s: jnp.transpose(s, perm))
   zero = None if q.zero is None else jnp.transpose(q.zero, perm)
-  return _with(q, jnp.transpose(q.codes, perm), scale, zero, axis=new_axis)
+  ins = None if q.in_scale is None else jnp.transpose(q.in_scale, perm)
+  return _with(q, jnp.transpose(q.codes, perm), scale, zero, axis=new_axis, in_scale=ins)
 
 
 def _split_target(shape, axis, new_shape) -> int:
@@ -98,7 +99,8 @@ def reshape(q: QArray, new_shape) -> QArray:
 
   scale, q = _scale_view(q, lambda s: reshape(s, leaf_shape(s.shape)), leaf)
   zero = None if q.zero is None else leaf(q.zero)
-  return _with(q, leaf(q.codes), scale, zero, axis=j - len(new_shape))
+  ins = None if q.in_scale is None else leaf(q.in_scale)
+  return _with(q, leaf(q.codes), scale, zero, axis=j - len(new_shape), in_scale=ins)
 
 
 def slice_axis(q: QArray, dim: int, start, size: int, *, dynamic: bool) -> QArray:
@@ -120,7 +122,8 @@ def slice_axis(q: QArray, dim: int, start, size: int, *, dynamic: bool) -> QArra
 
   scale, q = _scale_view(q, lambda s: slice_axis(s, dim, start, size, dynamic=dynamic), leaf)
   zero = None if q.zero is None else leaf(q.zero)
-  return _with(q, leaf(q.codes), scale, zero)
+  ins = None if q.in_scale is None else leaf(q.in_scale)
+  return _with(q, leaf(q.codes), scale, zero, in_scale=ins)
 
 
 def leafwise(q: QArray, fn) -> QArray:

@@ -40,6 +40,14 @@ def _validate(op: str, x, w) -> None:
                      f"expected x.shape[-1] == {w.shape[0]}")
 
 
+def _apply_in_scale(x, w: QArray):
+  """``x @ W == (x / s) @ (s ⊙ W)``: divide the activations by a QArray's per-input-channel `in_scale`."""
+  if w.in_scale is None:
+    return x, w
+  s = w.in_scale.reshape(w.shape[0]).astype(jnp.float32)                  # (K, 1) -> (K,)
+  return (x.astype(jnp.float32) / s).astype(x.dtype), w.without_in_scale()
+
+
 def _select(op: str, backend, platform: Platform | None, interpret: bool, why_not: dict) -> Decision:
   """Which implementation runs; `why_not[platform]()` is the kernel's legality check (None: legal)."""
   if not isinstance(backend, Backend):
@@ -77,6 +85,7 @@ def qmatmul(x, w: QArray, *, backend: Backend = Backend.AUTO, platform: Platform
   `platform`, `interpret` and `blocks` choose and tile the Pallas kernel (see the module docstring).
   """
   _validate("qmatmul", x, w)
+  x, w = _apply_in_scale(x, w)
   kernels: dict[Platform, Callable] = {Platform.GPU: qm_gpu, Platform.TPU: qm_tpu}
   why_not = {p: (lambda m=m: m.why_not(x, w, blocks)) for p, m in kernels.items()}
   d = _select("qmatmul", backend, platform, interpret, why_not)
@@ -93,6 +102,7 @@ def w8a8_matmul(x, w: QArray, *, per_token: bool = True, backend: Backend = Back
   the spec is `kernels.w8a8.reference.w8a8_matmul` (gradient: straight-through activation quantizer).
   """
   _validate("w8a8_matmul", x, w)
+  x, w = _apply_in_scale(x, w)
   if not isinstance(per_token, bool):
     raise ValueError(f"w8a8_matmul: per_token must be a bool, got {per_token!r}")
   kernels: dict[Platform, Callable] = {Platform.GPU: w8_gpu, Platform.TPU: w8_tpu}

@@ -11,10 +11,11 @@ from lowbit_jax.rtn import rtn
 from lowbit_jax.spec import (Format, PerChannel, PerGroup, PerTensor, QuantSpec, fp8_spec, int_spec, nf4_spec,
                              ternary_spec)
 from lowbit_jax.passes import Calibration, Stat, analyze, calibrate, quantized  # noqa: E402  (after the core)
+from lowbit_jax.algorithms.awq import awq  # noqa: E402
 from lowbit_jax.algorithms.gptq import gptq  # noqa: E402
 
 __all__ = [
     "Format", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "int_spec", "nf4_spec", "fp8_spec",
     "ternary_spec", "QArray", "quantize", "qarray_sharding", "rtn", "memory_report", "MemoryReport",
-    "calibrate", "Calibration", "Stat", "analyze", "quantized", "gptq",
+    "calibrate", "Calibration", "Stat", "analyze", "quantized", "gptq", "awq",
 ]

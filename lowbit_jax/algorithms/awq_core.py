@@ -22,6 +22,7 @@ function: x @ W = (x / s) @ (s ⊙ W); the caller folds 1/s into the preceding o
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,49 +49,59 @@ class ScaleSearch:
   losses: np.ndarray      # (n_grid,) loss per candidate α
 
 
+def candidate_scale(abs_mean, alpha):
+  """s(α) = max(mean|x|^α, 1e-4) / sqrt(max · min), as the reference normalises it. abs_mean (K,) -> (K,)."""
+  s = jnp.maximum(jnp.asarray(abs_mean, jnp.float32) ** alpha, 1e-4)
+  return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid"))
+def _scale_losses(Ws: tuple, H, x_mean, *, spec: QuantSpec, n_grid: int):
+  """(n_grid,) losses and (n_grid, K) candidate scales; compiled once per shapes and spec (reused across layers)."""
+  numel = sum(w.shape[1] for w in Ws)
+
+  def loss_of(alpha):
+    s = candidate_scale(x_mean, alpha)
+    total = jnp.float32(0)
+    for w in Ws:   # the few linears of one group (static)
+      dw = w - _fake_quant(w * s[:, None], spec) / s[:, None]
+      total = total + output_error(dw, H)
+    return total / numel, s
+
+  alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+  return lax.map(loss_of, alphas)
+
+
 def search_scale(Ws, H, abs_mean, spec: QuantSpec, *, n_grid: int = 20) -> ScaleSearch:
   """The AWQ scale s (K,) for linears `Ws` (each (K, N_i), Flax layout) fed by the same input.
 
-  H: (K, K) XᵀX / n of that input; abs_mean: (K,) mean |x| per input channel.
+  H: (K, K) XᵀX / n of that input (any positive multiple gives the same s); abs_mean: (K,) mean |x| per input
+  channel.
   """
   K = H.shape[0]
   for w in Ws:
     if w.ndim != 2 or w.shape[0] != K:
       raise ValueError(f"AWQ: every weight must be (K={K}, N), got {w.shape}")
-  H = jnp.asarray(H, jnp.float32)
-  x_mean = jnp.asarray(abs_mean, jnp.float32)
-  Ws = [jnp.asarray(w, jnp.float32) for w in Ws]
-  numel = sum(w.shape[1] for w in Ws)
-
-  @jax.jit
-  def loss_of(alpha):
-    s = jnp.maximum(x_mean ** alpha, 1e-4)
-    s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
-    total = jnp.float32(0)
-    for w in Ws:
-      dw = w - _fake_quant(w * s[:, None], spec) / s[:, None]
-      total = total + output_error(dw, H)
-    return total / numel, s
-
-  alphas = np.arange(n_grid) / n_grid
-  losses, scales = zip(*(loss_of(jnp.float32(a)) for a in alphas))
-  losses = np.asarray([float(l) for l in losses])
+  if np.shape(abs_mean) != (K,):
+    raise ValueError(f"AWQ: abs_mean must be (K={K},), got {np.shape(abs_mean)}")
+  Ws = tuple(jnp.asarray(w, jnp.float32) for w in Ws)
+  losses, scales = _scale_losses(Ws, jnp.asarray(H, jnp.float32), jnp.asarray(abs_mean, jnp.float32),
+                                 spec=spec, n_grid=int(n_grid))
+  losses = np.asarray(losses)
   best = int(np.argmin(losses))
-  return ScaleSearch(scale=scales[best], alpha=float(alphas[best]), losses=losses)
+  return ScaleSearch(scale=scales[best], alpha=best / n_grid, losses=losses)
 
 
-def search_clip(W, H, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
-  """The AWQ-clipped weight (K, N): each (group, output) block clamped to the shrink of its absmax range that
-  minimises that block's output error (group = spec's group size, or all of K for per-channel specs)."""
-  W = jnp.asarray(W, jnp.float32)
-  H = jnp.asarray(H, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid", "n_steps"))
+def _clip(W, H, *, spec: QuantSpec, n_grid: int, n_steps: int):
   K, N = W.shape
   g = spec.group_size or K
   kp = -(-K // g) * g
-  Wp = jnp.pad(W, ((0, kp - K), (0, 0)))
-  Hp = jnp.pad(H, ((0, kp - K), (0, kp - K)))
   G = kp // g
-  Hb = jnp.stack([Hp[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(G)])      # (G, g, g) diagonal blocks
+  Wp = jnp.pad(W, ((0, kp - K), (0, 0)))
+  Hp = jnp.pad(H, ((0, kp - K), (0, kp - K))).reshape(G, g, G, g)
+  idx = jnp.arange(G)
+  Hb = Hp[idx, :, idx, :]                                                            # (G, g, g) diagonal blocks
   wg = Wp.reshape(G, g, N)                                                           # (G, g, N)
   org_max = jnp.max(jnp.abs(wg), axis=1, keepdims=True)                              # (G, 1, N)
 
@@ -100,16 +111,48 @@ def search_clip(W, H, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 
     dw = wg - dq
     return jnp.einsum("gkn,gkl,gln->gn", dw, Hb, dw)                                 # (G, N)
 
-  @jax.jit
-  def run():
-    def step(i, carry):
-      best_err, best_max = carry
-      max_val = org_max * (1 - i / n_grid)
-      err = block_err(jnp.clip(wg, -max_val, max_val))
-      better = err < best_err
-      return jnp.where(better, err, best_err), jnp.where(better[:, None, :], max_val, best_max)
-    init = (jnp.full((G, N), jnp.inf, jnp.float32), org_max)
-    _, best_max = lax.fori_loop(0, int(max_shrink * n_grid), step, init)
-    return jnp.clip(wg, -best_max, best_max).reshape(kp, N)[:K]
+  def step(i, carry):
+    best_err, best_max = carry
+    max_val = org_max * (1 - i.astype(jnp.float32) / n_grid)
+    err = block_err(jnp.clip(wg, -max_val, max_val))
+    better = err < best_err
+    return jnp.where(better, err, best_err), jnp.where(better[:, None, :], max_val, best_max)
 
-  return run()
+  init = (jnp.full((G, N), jnp.inf, jnp.float32), org_max)
+  _, best_max = lax.fori_loop(0, n_steps, step, init)
+  return jnp.clip(wg, -best_max, best_max).reshape(kp, N)[:K]
+
+
+def search_clip(W, H, spec: QuantSpec, *, n_grid: int = 20, max_shrink: float = 0.5):
+  """The AWQ-clipped weight (K, N): each (group, output) block clamped to the shrink of its absmax range that
+  minimises that block's output error (group = spec's group size, or all of K for per-channel specs)."""
+  W = jnp.asarray(W, jnp.float32)
+  H = jnp.asarray(H, jnp.float32)
+  if W.ndim != 2 or np.shape(H) != (W.shape[0],) * 2:
+    raise ValueError(f"AWQ clip: expected W (K, N) and H (K, K), got {W.shape} and {np.shape(H)}")
+  return _clip(W, H, spec=spec, n_grid=int(n_grid), n_steps=max(1, int(max_shrink * n_grid)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid", "clip", "max_shrink"))
+def awq_layer(Ws: tuple, H, abs_mean, *, spec: QuantSpec, n_grid: int = 20, clip: bool = True,
+              max_shrink: float = 0.5):
+  """Scale search then (optionally) clip search for linears `Ws` (each (K, N_i)) fed by one input, as one
+  compiled function (reused across layers of equal shapes).
+
+  Returns (s (K,), index of the chosen α, the weights W_c (K, N_i)): the clipped weights in the original
+  coordinates, so that ``with_in_scale(W_c, s, spec)`` quantizes s ⊙ W_c (whose clip search saw the statistics
+  of X / s, H / (s sᵀ), as the reference clips after applying the scales).
+  """
+  Ws = tuple(jnp.asarray(w, jnp.float32) for w in Ws)
+  H = jnp.asarray(H, jnp.float32)
+  losses, scales = _scale_losses(Ws, H, jnp.asarray(abs_mean, jnp.float32), spec=spec, n_grid=n_grid)
+  best = jnp.argmin(losses)
+  s = scales[best]
+  h_scaled = H / (s[:, None] * s[None, :])
+  out = []
+  for w in Ws:
+    ws = w * s[:, None]
+    if clip:
+      ws = _clip(ws, h_scaled, spec=spec, n_grid=n_grid, n_steps=max(1, int(max_shrink * n_grid)))
+    out.append(ws / s[:, None])
+  return s, best, tuple(out)

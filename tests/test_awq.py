@@ -1,0 +1,180 @@
+"""lowbit_jax.algorithms.awq on the real stories260K model and on a small linen model: beats RTN against fp32,
+runs quantized through the passes (jit), handles scanned stacks and (out, in) weights, shares one scale between
+weights fed by the same input, and rejects bad inputs naming the key path without touching the input params."""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax import eval as lbeval
+from lowbit_jax import select as sel
+from lowbit_jax.algorithms.awq import _target, awq, same_input_groups
+from lowbit_jax.assets import asset_path
+from lowbit_jax.io.gguf import load_gguf
+from lowbit_jax.models.llama import Llama, stack_layers
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+  train = asset_path("tinystories/tinystories_train_first2MiB.txt").read_text()[:60_000]
+  val = asset_path("tinystories/tinystories_val_part1.txt").read_text()[:30_000]
+  ids = np.asarray(m.tokenizer.encode(train))[: 8 * 128].reshape(8, 128)
+  held = np.asarray(m.tokenizer.encode(val))[: 4 * 128].reshape(4, 128)
+  model = Llama(m.config)
+  apply = lambda p, t: model.apply({"params": p}, t)
+  batches = [jnp.asarray(ids[i:i + 2]) for i in range(0, 8, 2)]
+  return m, apply, batches, jnp.asarray(held), lb.calibrate(apply, m.params, batches)
+
+
+@functools.lru_cache(maxsize=None)
+def _awq4():
+  m, _, _, _, calib = _model()
+  return awq(m.params, calib, bits=4, group_size=32)
+
+
+@functools.lru_cache(maxsize=None)
+def _kl_rtn4():
+  m, apply, _, held, _ = _model()
+  return _kl(apply, m.params, lb.rtn(m.params, lb.int_spec(4, group_size=32)), held)
+
+
+def _kl(apply, fp_params, qparams, tokens):
+  out = jax.jit(lb.quantized(apply))(qparams, tokens)
+  return float(lbeval.kl_divergence(apply(fp_params, tokens), out))
+
+
+def _host(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def test_awq_beats_rtn_on_the_real_model():
+  m, apply, _, held, _ = _model()
+  before = _host(m.params)
+  q = _awq4()
+  kl_awq = _kl(apply, m.params, q, held)
+  kl_rtn = _kl_rtn4()
+  assert 0 < kl_awq < 0.85 * kl_rtn, (kl_awq, kl_rtn)
+  wq = q["layers_0"]["attention"]["wq"]["kernel"]
+  assert isinstance(wq, lb.QArray) and wq.in_scale.shape == (64, 1) and wq.dtype == np.float32
+  assert not isinstance(q["tok_embeddings"]["embedding"], lb.QArray)
+  jax.tree.map(np.testing.assert_array_equal, _host(m.params), before)                   # input untouched
+  # the QArray stands for the (clipped) float weight: x @ W ≈ (x / s) @ Q(s ⊙ W)
+  w = np.asarray(m.params["layers_0"]["attention"]["wq"]["kernel"])
+  assert np.abs(np.asarray(wq.dequantize()) - w).max() < 0.5 * np.abs(w).max()
+
+
+def test_one_scale_per_input():
+  q = _awq4()
+  for i in range(5):
+    att, ffn = q[f"layers_{i}"]["attention"], q[f"layers_{i}"]["feed_forward"]
+    s_q = np.asarray(att["wq"]["kernel"].in_scale)
+    np.testing.assert_array_equal(np.asarray(att["wk"]["kernel"].in_scale), s_q)        # q/k/v: one norm
+    np.testing.assert_array_equal(np.asarray(att["wv"]["kernel"].in_scale), s_q)
+    np.testing.assert_array_equal(np.asarray(ffn["w3"]["kernel"].in_scale),             # gate/up
+                                  np.asarray(ffn["w1"]["kernel"].in_scale))
+    assert not np.array_equal(np.asarray(att["wo"]["kernel"].in_scale), s_q)             # other inputs
+    assert not np.array_equal(np.asarray(ffn["w1"]["kernel"].in_scale), s_q)
+  m, _, _, _, calib = _model()
+  leaves = {sel.path_repr(p): l for p, l in jax.tree_util.tree_flatten_with_path(m.params)[0]}
+  spec = lb.int_spec(4, group_size=32)
+  targets = [_target(w, calib[w].path, leaves[w], calib[w], spec) for w in calib if "'layers_1'" in w]
+  names = [[t.path[-2].key for t in g] for g in same_input_groups(targets)]
+  assert names == [["wq", "wk", "wv"], ["wo"], ["w1", "w3"], ["w2"]]
+
+
+def test_scanned_stack():
+  m, _, batches, held, _ = _model()
+  model = Llama(m.config, scan_layers=True)
+  apply = lambda p, t: model.apply({"params": p}, t)
+  params = stack_layers(m.params, m.config.n_layers)
+  calib = lb.calibrate(apply, params, batches[:2])
+  q = awq(params, calib, bits=4, group_size=32)
+  wq, wk = q["layers"]["attention"]["wq"]["kernel"], q["layers"]["attention"]["wk"]["kernel"]
+  assert isinstance(wq, lb.QArray) and wq.shape == (5, 64, 64) and wq.in_scale.shape == (5, 64, 1)
+  np.testing.assert_array_equal(np.asarray(wk.in_scale), np.asarray(wq.in_scale))
+  assert not np.array_equal(np.asarray(wq.in_scale[0]), np.asarray(wq.in_scale[1]))     # one s per layer
+  assert _kl(apply, params, q, held) < 0.85 * _kl_rtn4()                                    # same function
+
+
+class _Toy(nn.Module):
+  """A norm feeding two (in, out) kernels (one shared scale) and a 2-D (out, in) weight used as x @ w.T.
+  Shaped like a stories260K MLP so that the searches' compiled functions are shared with the tests above."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RMSNorm(name="norm")(x)
+    gate = nn.Dense(172, use_bias=False, name="gate")(h)
+    up = nn.Dense(172, use_bias=False, name="up")(h)
+    w = self.param("weight", nn.initializers.normal(0.1), (64, 172))                      # (out, in)
+    return (jax.nn.silu(gate) * up) @ w.T
+
+
+def _toy():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 64, 64)).astype(np.float32)
+  x *= np.where(np.arange(64) % 11 == 0, 25.0, 1.0).astype(np.float32)                  # salient channels
+  params = _Toy().init(jax.random.PRNGKey(0), x[:1])["params"]
+  apply = lambda p, x: _Toy().apply({"params": p}, x)
+  return params, apply, [jnp.asarray(b) for b in x]
+
+
+def test_any_linen_model_and_out_in_weights():
+  params, apply, batches = _toy()
+  calib = lb.calibrate(apply, params, batches)
+  before = _host(params)
+  q = awq(params, calib, bits=4, group_size=32)
+  jax.tree.map(np.testing.assert_array_equal, _host(params), before)
+  assert q["weight"].shape == (64, 172) and q["weight"].in_scale.shape == (1, 172)
+  np.testing.assert_array_equal(np.asarray(q["up"]["kernel"].in_scale), np.asarray(q["gate"]["kernel"].in_scale))
+  x = jnp.concatenate(batches)
+  ref = apply(params, x)
+  deq = jax.tree.map(lambda l: l.dequantize() if isinstance(l, lb.QArray) else l, q,
+                     is_leaf=lambda l: isinstance(l, lb.QArray))
+  out = jax.jit(lb.quantized(apply))(q, x)
+  np.testing.assert_allclose(out, apply(deq, x), rtol=1e-3, atol=1e-3)
+  rtn = jax.jit(lb.quantized(apply))(lb.rtn(params, lb.int_spec(4, group_size=32)), x)
+  assert float(jnp.mean((out - ref) ** 2)) < float(jnp.mean((rtn - ref) ** 2))
+
+
+def test_bad_inputs_name_the_path_and_leave_params_alone():
+  params, apply, batches = _toy()
+  before = _host(params)
+  calib = lb.calibrate(apply, params, batches[:1])
+  gate = r"params\['gate'\]\['kernel'\]"
+  other = jax.tree.map(lambda x: x, params)
+  other["gate"]["kernel"] = jnp.ones((32, 172))                                           # another model: K = 32
+  with pytest.raises(ValueError, match=gate + ".*does not match"):
+    awq(other, calib)
+  bad = dict(calib.weights)
+  bad["params['gate']['kernel']"] = dataclasses.replace(
+      calib["gate/kernel"], stats=dataclasses.replace(calib["gate/kernel"].stats,
+                                                      abs_sum=jnp.full((64,), jnp.nan)))
+  with pytest.raises(ValueError, match=gate + ".*NaN"):
+    awq(params, dataclasses.replace(calib, weights=bad))
+  no_mean = lb.calibrate(apply, params, batches[:1], stats={lb.Stat.HESSIAN})
+  with pytest.raises(ValueError, match=gate + ".*ABS_MEAN"):
+    awq(params, no_mean)
+  partial = lb.calibrate(apply, params, batches[:1], where=r"gate/kernel")
+  with pytest.raises(ValueError, match=r"params\['up'\]\['kernel'\].*no statistics"):
+    awq(params, partial, where=r"(gate|up)/kernel")
+  nan_w = jax.tree.map(lambda x: x, params)
+  nan_w["up"]["kernel"] = params["up"]["kernel"].at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"params\['up'\]\['kernel'\].*finite"):
+    awq(nan_w, calib)
+  with pytest.raises(ValueError, match="bits"):
+    awq(params, calib, bits=5)
+  with pytest.raises(ValueError, match="size"):
+    awq(params, calib, group_size=0)
+  with pytest.raises(ValueError, match="n_grid"):
+    awq(params, calib, n_grid=0)
+  with pytest.raises(ValueError, match="max_shrink"):
+    awq(params, calib, max_shrink=1.0)
+  with pytest.raises(ValueError, match="Calibration"):
+    awq(params, {"not": "a calibration"})
+  jax.tree.map(np.testing.assert_array_equal, _host(params), before)

@@ -17,6 +17,11 @@ with one `scale` (and `zero`) per *granule*. Granularity is always expressed thr
   its own scale (GPTQ/AWQ "group size"). An axis that is not a multiple of `size` is padded to whole groups; the
   padding is stored, counted in `QArray.nbytes`, masked out of every statistic and sliced off on dequantization,
   so it never changes a result. With `strict=True` a non-dividing group size raises instead.
+
+Weights-and-activations formats add `activations=ActQuant(...)`: the weight is stored as above, and every matmul
+with it (`lowbit_jax.kernels.qmatmul`, hence `lowbit_jax.quantized(apply_fn)`) quantizes its activations
+dynamically to 8 bits (W8A8: SmoothQuant's per-token int8, FP8 x FP8 for FP8 weights), or runs LLM.int8()'s
+mixed-precision decomposition when `ActQuant.outlier_threshold` is set. `dequantize()` is unaffected.
 """
 from __future__ import annotations
 
@@ -62,6 +67,33 @@ class PerGroup:
 
 Granularity = Union[PerTensor, PerChannel, PerGroup]
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActQuant:
+  """Dynamic activation quantization of every matmul with the weight (W8A8).
+
+  Attributes:
+    bits: activation code width; 8 only (int8 for INT weights, FP8 E4M3 for FP8 weights).
+    per_token: one scale per token (row of x), else one per tensor (SmoothQuant's per-token dynamic default).
+    outlier_threshold: LLM.int8() (Dettmers et al. 2022): the input columns of x with any |x| above it run in
+      float with the dequantized weight rows, the rest in int8 (6.0 in the paper); None: plain W8A8.
+  """
+  bits: int = 8
+  per_token: bool = True
+  outlier_threshold: float | None = None
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or self.bits != 8:
+      raise ValueError(f"ActQuant.bits: only 8-bit activations are supported, got bits={self.bits!r}")
+    if not isinstance(self.per_token, bool):
+      raise ValueError(f"ActQuant.per_token must be a bool, got {self.per_token!r}")
+    t = self.outlier_threshold
+    if t is not None:
+      if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) \
+          or t < 0:
+        raise ValueError(f"ActQuant.outlier_threshold must be None or a finite float >= 0, got {t!r}")
+      object.__setattr__(self, "outlier_threshold", float(t))
+
 # Storage width in bits of one code, per format (INT takes it from `bits`).
 _FIXED_BITS = {Format.TERNARY: 2, Format.NF4: 4, Format.FP8_E4M3: 8, Format.FP8_E5M2: 8}
 _INT_BITS = (2, 3, 4, 8)
@@ -83,6 +115,9 @@ class QuantSpec:
     double_quant: QLoRA's double quantization: the scales themselves are quantized to 8-bit integers in groups
       of `dq_group_size` (needs `PerGroup`).
     dq_group_size: block size of the second-level quantization (QLoRA: 256).
+    activations: `ActQuant` to quantize the activations of every matmul with this weight too (W8A8,
+      LLM.int8()); needs 8-bit INT weights, or FP8 weights (FP8 activations; no outlier threshold). None:
+      weight-only.
   """
   format: Format
   bits: int | None = None
@@ -92,6 +127,7 @@ class QuantSpec:
   strict: bool = False
   double_quant: bool = False
   dq_group_size: int = 256
+  activations: ActQuant | None = None
 
   def __post_init__(self):
     if not isinstance(self.format, Format):
@@ -122,6 +158,21 @@ class QuantSpec:
       raise ValueError("QuantSpec.double_quant needs PerGroup granularity (it quantizes the per-group scales)")
     if not isinstance(self.dq_group_size, int) or self.dq_group_size < 1:
       raise ValueError(f"QuantSpec.dq_group_size must be a positive int, got {self.dq_group_size!r}")
+    self._check_activations()
+
+  def _check_activations(self) -> None:
+    act = self.activations
+    if act is None:
+      return
+    if not isinstance(act, ActQuant):
+      raise ValueError(f"QuantSpec.activations must be a lowbit_jax.ActQuant or None, got {act!r}")
+    fp8 = self.format in (Format.FP8_E4M3, Format.FP8_E5M2)
+    if not (fp8 or (self.format is Format.INT and self.bits == 8)):
+      raise ValueError(f"QuantSpec.activations: 8-bit activations need 8-bit INT or FP8 weights (W8A8), got "
+                       f"{self.format} with bits={self.bits}")
+    if fp8 and act.outlier_threshold is not None:
+      raise ValueError(f"QuantSpec.activations: LLM.int8()'s outlier_threshold needs 8-bit INT weights, got "
+                       f"{self.format}")
 
   @property
   def axis(self) -> int:

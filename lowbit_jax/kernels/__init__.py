@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lowbit_jax.kernels.blocks import BlockSizes
 from lowbit_jax.kernels.common import (Backend, Decision, Platform, clear_decisions, decisions, last_decision)
-from lowbit_jax.kernels.dispatch import qmatmul, w8a8_matmul
+from lowbit_jax.kernels.dispatch import llm_int8_matmul, qmatmul, w8a8_matmul
 
-__all__ = ["Backend", "Platform", "BlockSizes", "Decision", "qmatmul", "w8a8_matmul", "last_decision",
+__all__ = ["Backend", "Platform", "BlockSizes", "Decision", "qmatmul", "w8a8_matmul", "llm_int8_matmul", "last_decision",
            "decisions", "clear_decisions"]

@@ -9,6 +9,11 @@ Selection, for `backend`:
 The target platform is `platform` if given, else the default backend's (GPU -> Triton, TPU -> Mosaic). A kernel
 runs on its own platform, or anywhere with `interpret=True` (how the CPU tests exercise it). Every call records a
 `Decision` (see `common.last_decision`) at trace time.
+
+`qmatmul` follows the weight's spec: a QArray whose `spec.activations` is an `ActQuant` runs as `w8a8_matmul`
+(per-token or per-tensor dynamic 8-bit activations), or as `llm_int8_matmul` when `ActQuant.outlier_threshold` is
+set; every other QArray is weight-only. So `lowbit_jax.quantized(apply_fn)`, which calls `qmatmul`, runs W8A8 and
+LLM.int8() models unchanged.
 """
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ from lowbit_jax.kernels import blocks as blk
 from lowbit_jax.kernels import common
 from lowbit_jax.kernels.common import Backend, Decision, Platform
 from lowbit_jax.kernels.qmatmul import pallas_gpu as qm_gpu, pallas_tpu as qm_tpu, reference as qm_ref
+from lowbit_jax.kernels.w8a8 import llm_int8 as int8_ref
 from lowbit_jax.kernels.w8a8 import pallas_gpu as w8_gpu, pallas_tpu as w8_tpu, reference as w8_ref
 from lowbit_jax.qarray import QArray
+from lowbit_jax.spec import ActQuant
 
 
 def _validate(op: str, x, w) -> None:
@@ -83,8 +90,16 @@ def qmatmul(x, w: QArray, *, backend: Backend = Backend.AUTO, platform: Platform
   Weight-only (W8A16, W4A16, W2A16, ternary, NF4, FP8 weights): returns (..., N) in x.dtype, accumulated in float32;
   the spec is `kernels.qmatmul.reference.qmatmul`. Differentiable w.r.t. x (and w's scales) on every path.
   `platform`, `interpret` and `blocks` choose and tile the Pallas kernel (see the module docstring).
+  A weight whose `spec.activations` is set runs as `w8a8_matmul` or `llm_int8_matmul` (module docstring).
   """
   _validate("qmatmul", x, w)
+  act = w.spec.activations
+  if act is not None and act.outlier_threshold is None:
+    return w8a8_matmul(x, w, per_token=act.per_token, backend=backend, platform=platform, interpret=interpret,
+                       blocks=blocks)
+  if act is not None:
+    return llm_int8_matmul(x, w, threshold=act.outlier_threshold, per_token=act.per_token, backend=backend,
+                           platform=platform)
   x, w = _apply_in_scale(x, w)
   kernels: dict[Platform, Callable] = {Platform.GPU: qm_gpu, Platform.TPU: qm_tpu}
   why_not = {p: (lambda m=m: m.why_not(x, w, blocks)) for p, m in kernels.items()}
@@ -111,3 +126,31 @@ def w8a8_matmul(x, w: QArray, *, per_token: bool = True, backend: Backend = Back
   if d.backend is Backend.REFERENCE:
     return w8_ref.w8a8_matmul(x, w, per_token=per_token)
   return kernels[d.platform].w8a8_matmul(x, w, per_token=per_token, blocks=blocks, interpret=interpret)
+
+
+def llm_int8_matmul(x, w: QArray, *, threshold: float = int8_ref.DEFAULT_THRESHOLD, per_token: bool = True,
+                    backend: Backend = Backend.AUTO, platform: Platform | None = None):
+  """LLM.int8(): the input columns of x with any |x| > `threshold` (over all tokens of this call) are multiplied
+  in float32 with the dequantized weight rows, the others as int8 x int8 -> int32 with per-token activation and
+  per-output-channel weight scales; the two parts are summed. Returns (..., N) in x.dtype; the spec is
+  `kernels.w8a8.llm_int8.llm_int8_matmul` (jit-friendly masks, straight-through gradient). There is no Pallas
+  kernel: AUTO and REFERENCE record that the reference runs, PALLAS raises.
+  """
+  _validate("llm_int8_matmul", x, w)
+  x, w = _apply_in_scale(x, w)
+  try:
+    act = ActQuant(per_token=per_token, outlier_threshold=threshold)
+  except ValueError as e:
+    raise ValueError(f"llm_int8_matmul: {e}") from None
+  if act.outlier_threshold is None:
+    raise ValueError("llm_int8_matmul: threshold must be a finite float >= 0, got None (use w8a8_matmul)")
+  if not isinstance(backend, Backend):
+    raise ValueError(f"llm_int8_matmul: backend must be a lowbit_jax.kernels.Backend, got {backend!r}")
+  if platform is not None and not isinstance(platform, Platform):
+    raise ValueError(f"llm_int8_matmul: platform must be a lowbit_jax.kernels.Platform or None, got {platform!r}")
+  why = "no Pallas kernel for LLM.int8()'s mixed-precision decomposition; the jnp reference runs"
+  if backend is Backend.PALLAS:
+    raise ValueError(f"llm_int8_matmul: Backend.PALLAS requested but the kernel cannot run: {why}")
+  reason = "reference requested" if backend is Backend.REFERENCE else why
+  common.record(Decision("llm_int8_matmul", Backend.REFERENCE, platform, reason))
+  return int8_ref.llm_int8_matmul(x, w, threshold=act.outlier_threshold, per_token=act.per_token)

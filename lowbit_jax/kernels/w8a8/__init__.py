@@ -4,4 +4,6 @@ One folder for INT8 x INT8 -> int32 (SmoothQuant, LLM.int8()'s int8 path) and FP
 quantize the activations dynamically (a scale per token or per tensor), feed two 8-bit operands to the matrix
 units and apply the row (activation) and column (weight) scales to the accumulator, so one kernel body serves
 both; only the code dtypes and the accumulator differ. Weight-only formats live in `kernels/qmatmul/`.
+`llm_int8.py` is the spec of LLM.int8()'s mixed-precision decomposition (float outlier columns + this int8 path);
+it has no Pallas kernel yet.
 """

@@ -6,14 +6,18 @@
 
 Modules: `interpreter` (jaxpr evaluation with per-primitive rules and rebuilt control flow), `origin` (leaf
 coordinates of views), `qviews` (views on packed QArrays), `values` (the special values and their rules),
-`capture` (statistics), `rewrite` (`quantized`), `calibration` (public API), `trace` (tracing entry point).
+`capture` (statistics), `rewrite` (`quantized`), `calibration` (public API), `trace` (tracing entry point),
+`fold` (which per-channel parameter, e.g. a norm's scale, feeds exactly a group of linears: AWQ/SmoothQuant fold
+their scales into it).
 """
 from lowbit_jax.passes.calibration import Analysis, Calibration, WeightCalibration, analyze, calibrate
 from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats, collect
 from lowbit_jax.passes.origin import DotSite, Note, Side
+from lowbit_jax.passes.fold import FoldTarget, fold, fold_scales, fold_targets, group_target
 from lowbit_jax.passes.rewrite import QuantizedFn, quantized
 
 __all__ = [
     "calibrate", "Calibration", "WeightCalibration", "analyze", "Analysis", "quantized", "QuantizedFn",
     "Stat", "Stats", "ALL_STATS", "collect", "DotSite", "Note", "Side",
+    "fold_targets", "fold_scales", "fold", "group_target", "FoldTarget",
 ]

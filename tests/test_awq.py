@@ -35,7 +35,7 @@ def _model():
 @functools.lru_cache(maxsize=None)
 def _awq4():
   m, _, _, _, calib = _model()
-  return awq(m.params, calib, bits=4, group_size=32)
+  return awq(m.params, calib, bits=4, group_size=32, fold=False)   # in_scale everywhere: the grouping shows
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +94,7 @@ def test_scanned_stack():
   apply = lambda p, t: model.apply({"params": p}, t)
   params = stack_layers(m.params, m.config.n_layers)
   calib = lb.calibrate(apply, params, batches[:2])
-  q = awq(params, calib, bits=4, group_size=32)
+  q = awq(params, calib, bits=4, group_size=32, fold=False)
   wq, wk = q["layers"]["attention"]["wq"]["kernel"], q["layers"]["attention"]["wk"]["kernel"]
   assert isinstance(wq, lb.QArray) and wq.shape == (5, 64, 64) and wq.in_scale.shape == (5, 64, 1)
   np.testing.assert_array_equal(np.asarray(wk.in_scale), np.asarray(wq.in_scale))
@@ -128,7 +128,7 @@ def test_any_linen_model_and_out_in_weights():
   params, apply, batches = _toy()
   calib = lb.calibrate(apply, params, batches)
   before = _host(params)
-  q = awq(params, calib, bits=4, group_size=32)
+  q = awq(params, calib, bits=4, group_size=32, fold=False)
   jax.tree.map(np.testing.assert_array_equal, _host(params), before)
   assert q["weight"].shape == (64, 172) and q["weight"].in_scale.shape == (1, 172)
   np.testing.assert_array_equal(np.asarray(q["up"]["kernel"].in_scale), np.asarray(q["gate"]["kernel"].in_scale))

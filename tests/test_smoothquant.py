@@ -46,7 +46,7 @@ def _kl(apply, params, qapply, qparams, held):
 
 def test_smoothquant_w8a8_matches_fp32_and_beats_plain_w8a8():
   m, apply, calib, held = _setup()
-  q_sq = smoothquant(m.params, calib, alpha=0.5)
+  q_sq = smoothquant(m.params, calib, alpha=0.5, fold=False)
   q_plain = lb.rtn(m.params, QuantSpec(format=Format.INT, bits=8, activations=ActQuant(per_token=True)))
   qapply = jax.jit(lb.quantized(apply))
   ppl_fp = _ppl(apply, m.params, held)
@@ -70,7 +70,7 @@ def test_scales_follow_smooth_py_and_groups_share_them():
   groups = smoothing_groups(m.params, calib)
   assert [WQ, WQ.replace("wq", "wk"), WQ.replace("wq", "wv")] in groups
   assert [WQ.replace("wq", "wo")] in groups and len(groups) == 4 * 5
-  q = smoothquant(m.params, calib, alpha=0.5)
+  q = smoothquant(m.params, calib, alpha=0.5, fold=False)
   att = m.params["layers_1"]["attention"]
   w_max = np.max([np.max(np.abs(np.asarray(att[n]["kernel"])), axis=1) for n in ("wq", "wk", "wv")], axis=0)
   act = np.asarray(calib[WQ].absmax)
@@ -89,7 +89,7 @@ def test_scanned_stack_gets_per_layer_scales():
   params = stack_layers(m.params, m.config.n_layers)
   tokens = jnp.asarray(held[:256].reshape(2, 128))
   calib = lb.calibrate(sapply, params, [tokens])
-  q = smoothquant(params, calib, where=r"layers/attention/w[qkv]/kernel")
+  q = smoothquant(params, calib, where=r"layers/attention/w[qkv]/kernel", fold=False)
   wq = q["layers"]["attention"]["wq"]["kernel"]
   assert wq.shape == (5, 64, 64) and wq.in_scale.shape[:2] == (5, 64)
   assert not isinstance(q["layers"]["attention"]["wo"]["kernel"], lb.QArray)

@@ -24,9 +24,11 @@ layouts are those of `gptq`: (in, out) kernels, optionally stacked over leading 
 Deliberate deviations from the reference (see also `awq_core`):
   * losses are scored per linear with the calibration Hessian (output MSE of each linear, summed over the group)
     instead of re-running the enclosing block (attention / MLP) for every candidate;
-  * the scale is kept on the QArray as `in_scale` (the kernels divide the activations by it) instead of being
-    folded into the preceding norm or linear; the float function is unchanged either way. This also covers the
-    reference's v -> o and up -> down pairs: o and down get their own searched scale on their own input;
+  * with `fold=True`, s is folded into the preceding per-channel parameter (a norm's scale: p' = p / s, see
+    `passes/fold.py`) when the group is exactly the set of linears that parameter's output feeds; otherwise (and
+    by default) it is kept on the QArray as `in_scale` (the kernels divide the activations by it). The float
+    function is unchanged either way. The reference's v -> o and up -> down pairs (folding into a preceding
+    linear) are not folded: o and down get their own searched scale on their own input, kept as `in_scale`;
   * every selected linear is clipped (the reference skips q and k, whose error is amplified by softmax; we have no
     model-specific names), and the output head is treated like any other selected linear.
 
@@ -47,6 +49,7 @@ from tqdm.auto import tqdm
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms import awq_core
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
+from lowbit_jax.passes.fold import FoldTarget, fold_scales, fold_targets, group_target
 from lowbit_jax.qarray import QArray, check_quantizable, with_in_scale
 from lowbit_jax.spec import QuantSpec, int_spec
 
@@ -141,8 +144,9 @@ def _transpose_2d(q: QArray) -> QArray:
 
 
 def _quantize_group(group: list[_Target], spec: QuantSpec, *, n_grid: int, clip: bool, max_shrink: float,
-                    bar) -> dict[str, QArray]:
-  """Search s per layer for the group, clip and quantize each member: {where: QArray with in_scale s}."""
+                    bar, folded: bool) -> tuple[dict[str, QArray], jax.Array]:
+  """Search s per layer for the group, clip and quantize each member: ({where: QArray}, s (layers, K)); the
+  QArrays carry in_scale s, or none when `folded` (then they stand for s ⊙ W_c and s goes into the norm)."""
   ws = [t.kn() for t in group]                                                  # each (layers, K, N_i)
   hs = jnp.reshape(group[0].wc.hessian, (-1,) + np.shape(group[0].wc.hessian)[-2:]).astype(jnp.float32)
   ms = jnp.reshape(group[0].wc.abs_mean, (-1, hs.shape[-1])).astype(jnp.float32)
@@ -163,11 +167,22 @@ def _quantize_group(group: list[_Target], spec: QuantSpec, *, n_grid: int, clip:
     else:
       q = _with_in_scale(w.reshape(t.stack + w.shape[1:]), s_all.reshape(t.stack + s_all.shape[1:]), spec)
     out[t.where] = QArray(q.codes, q.scale, q.zero, spec=q.spec, k=q.k, dtype=np.dtype(t.leaf.dtype),
-                          in_scale=q.in_scale)
-  return out
+                          in_scale=None if folded else q.in_scale)
+  return out, s_all
 
 
-def _check_options(n_grid, clip, max_shrink) -> None:
+def _fold_target(group: list[_Target], targets: dict[str, FoldTarget]) -> FoldTarget | None:
+  """The norm-like parameter the group's scale folds into, when the group is exactly its consumers and the
+  per-layer scale has its shape."""
+  t = group_target(targets, [m.where for m in group])
+  if t is None or t.stack != group[0].stack:
+    return None
+  return t
+
+
+def _check_options(n_grid, clip, max_shrink, fold) -> None:
+  if not isinstance(fold, bool):
+    raise ValueError(f"awq: fold must be a bool, got {fold!r}")
   if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
     raise ValueError(f"awq: n_grid must be a positive int, got {n_grid!r}")
   if not isinstance(clip, bool):
@@ -178,7 +193,7 @@ def _check_options(n_grid, clip, max_shrink) -> None:
 
 def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 128, sym: bool = True,
         n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5, scale_dtype=jnp.float32,
-        where: sel.Where = None):
+        where: sel.Where = None, fold: bool = True):
   """Quantize the calibrated weights of `params` with AWQ; returns a new tree with QArray leaves.
 
   Args:
@@ -191,9 +206,12 @@ def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 1
     max_shrink: the clip search tries clamp ranges down to (1 - max_shrink) of each block's absmax.
     scale_dtype: dtype of the stored quantization scales (the in_scale is always float32).
     where: which calibrated weights to quantize (default: all of them).
+    fold: fold s into the preceding per-channel parameter where the graph allows (norm -> linears; traced once
+      from `calib.apply_fn` on the first calibration batch, see `passes/fold.py`).
 
   Returns:
-    A tree like `params` with the selected weights replaced by QArrays whose `in_scale` is the searched s.
+    A tree like `params` with the selected weights replaced by QArrays whose `in_scale` is the searched s; with
+    `fold`, the weights whose s was folded carry no in_scale and their norm's parameter is divided by s.
 
   Raises:
     ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, an
@@ -201,7 +219,7 @@ def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 1
   """
   if not isinstance(calib, Calibration):
     raise ValueError(f"awq: expected a lowbit_jax.Calibration, got {type(calib).__name__}")
-  _check_options(n_grid, clip, max_shrink)
+  _check_options(n_grid, clip, max_shrink, fold)
   spec = int_spec(bits, group_size=group_size, symmetric=sym, scale_dtype=scale_dtype)
   leaves = _leaves(params)
   pred = sel.as_predicate(where)
@@ -223,10 +241,18 @@ def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 1
     raise ValueError(f"awq: no calibrated weight is selected (calibration covers {list(calib)[:6]}...)")
 
   groups = same_input_groups(targets)
+  foldable = fold_targets(calib.apply_fn, params, calib.batches[0], where=calib.options["where"]) if fold else {}
   done: dict[str, QArray] = {}
+  folded: dict[tuple, jax.Array] = {}
   bar = tqdm(total=sum(int(np.prod(g[0].stack, dtype=int)) for g in groups), desc="awq", leave=False)
   for group in groups:
-    done.update(_quantize_group(group, spec, n_grid=n_grid, clip=clip, max_shrink=max_shrink, bar=bar))
+    ft = _fold_target(group, foldable)
+    q, s = _quantize_group(group, spec, n_grid=n_grid, clip=clip, max_shrink=max_shrink, bar=bar,
+                           folded=ft is not None)
+    done.update(q)
+    if ft is not None:
+      folded[ft.leaf_path] = s.reshape(ft.leaf_shape)
   bar.close()
-  return jax.tree_util.tree_map_with_path(lambda p, l: done.get(sel.path_repr(p), l), params,
-                                          is_leaf=lambda x: isinstance(x, QArray))
+  out = jax.tree_util.tree_map_with_path(lambda p, l: done.get(sel.path_repr(p), l), params,
+                                         is_leaf=lambda x: isinstance(x, QArray))
+  return fold_scales(out, folded) if folded else out

@@ -20,9 +20,10 @@ one s, as `smooth_ln_fcs` does. The activations of every matmul with the result 
 (`ActQuant(per_token=True)`, the paper's O1/O2 dynamic setting).
 
 Deviations from the reference code:
-* s is kept as the QArray's `in_scale` (`lowbit_jax.qarray.with_in_scale`): the dispatcher divides the activations
-  by s before quantizing them. The paper folds 1/s into the preceding LayerNorm/RMSNorm instead (free at run
-  time). TODO: fold into the norm once a fold pass exists; until then the division costs one elementwise op.
+* by default s is kept as the QArray's `in_scale` (`lowbit_jax.qarray.with_in_scale`): the dispatcher divides the
+  activations by s before quantizing them. With `fold=True`, as in the paper, 1/s is folded into the preceding
+  norm's scale (`passes/fold.py`) when the group is exactly the set of linears that norm feeds (free at run time);
+  the other groups keep the in_scale.
 * Because s need not be folded, every calibrated weight is smoothed (also o_proj / down_proj, which the
   reference leaves unsmoothed as no norm precedes them); `where` restricts the set.
 * The weight scale is the max over output channels of the unquantized weights of the selected group members
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
+from lowbit_jax.passes.fold import fold_scales, fold_targets, group_target
 from lowbit_jax.qarray import QArray, check_quantizable, with_in_scale
 from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec
 
@@ -163,7 +165,7 @@ def smoothing_scales(act_absmax, weight_absmax, alpha: float) -> np.ndarray:
   return np.maximum(s, np.float32(CLAMP)).astype(np.float32)
 
 
-def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Where = None):
+def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Where = None, fold: bool = True):
   """W8A8 SmoothQuant of the calibrated weights of `params`; returns a new tree with QArray leaves.
 
   Args:
@@ -172,10 +174,12 @@ def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Wh
     alpha: migration strength α in [0, 1] (0.5 in the paper; α = 1 moves all of the activation range into the
       weights, α = 0 gives s = 1 / max|W_j|).
     where: which calibrated weights to quantize (default: all of them).
+    fold: fold 1/s into the preceding norm's scale where the graph allows (traced once from `calib.apply_fn` on
+      the first calibration batch); those weights then carry no in_scale.
 
   Returns:
-    The tree with each selected weight as an int8 per-output-channel QArray with `in_scale` s and
-    `spec.activations == ActQuant(per_token=True)`.
+    The tree with each selected weight as an int8 per-output-channel QArray with `in_scale` s (none where s was
+    folded) and `spec.activations == ActQuant(per_token=True)`.
 
   Raises:
     ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, an
@@ -183,6 +187,8 @@ def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Wh
   """
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 <= alpha <= 1.0:
     raise ValueError(f"smoothquant: alpha must be a float in [0, 1] (0.5 in the paper), got {alpha!r}")
+  if not isinstance(fold, bool):
+    raise ValueError(f"smoothquant: fold must be a bool, got {fold!r}")
   targets = calibrated_targets(params, calib, where, "smoothquant")
   act = ActQuant(per_token=True)
   absmax = {t.where: checked_absmax(t, "smoothquant") for t in targets}
@@ -190,17 +196,26 @@ def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Wh
     check_quantizable(t.leaf, w8a8_spec(t.axis - len(np.shape(t.leaf)), act), t.where)
 
   groups = _groups(targets, absmax)
+  foldable = fold_targets(calib.apply_fn, params, calib.batches[0], where=calib.options["where"]) if fold else {}
   done: dict[str, QArray] = {}
+  folded: dict[tuple, np.ndarray] = {}
   bar = tqdm(total=len(targets), desc="smoothquant", leave=False, disable=len(targets) < 16)
   for g in groups:
     w_max = np.max(np.stack([_weight_absmax(t) for t in g]), axis=0)           # (*stack, K)
     s = smoothing_scales(absmax[g[0].where], w_max, float(alpha))
+    ft = group_target(foldable, [t.where for t in g])
+    if ft is not None and tuple(np.shape(s)) == ft.leaf_shape:
+      folded[ft.leaf_path] = s
+    else:
+      ft = None
     for t in g:
       spec = w8a8_spec(t.axis - len(np.shape(t.leaf)), act)
-      done[t.where] = _with_in_scale_jit(jnp.asarray(t.leaf), jnp.asarray(s), spec)
+      q = _with_in_scale_jit(jnp.asarray(t.leaf), jnp.asarray(s), spec)
+      done[t.where] = q if ft is None else q.without_in_scale()
       bar.update()
   bar.close()
-  return replace_leaves(params, done)
+  out = replace_leaves(params, done)
+  return fold_scales(out, folded) if folded else out
 
 
 def replace_leaves(params, done: dict):

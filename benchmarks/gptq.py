@@ -16,7 +16,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import psutil
 

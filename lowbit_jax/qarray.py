@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
 from lowbit_jax.formats import FORMATS, PACKED, packing
-from lowbit_jax.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
+from lowbit_jax.spec import Format, PerGroup, PerTensor, QuantSpec
 
 
 def _where(path: str | None) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 import lowbit_jax as lb
 from lowbit_jax.formats import PACKED, fp8, nf4, packing
-from lowbit_jax.spec import Format, PerGroup, PerTensor
+from lowbit_jax.spec import Format, PerTensor
 
 # Every Format appears at least once: test_contract asserts it, so a new format cannot skip the contract.
 REGISTRY = {

@@ -4,7 +4,6 @@ import importlib.util
 import pathlib
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """memory_report on concrete and abstract trees; the numbers behind the README's memory table."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import lowbit_jax as lb

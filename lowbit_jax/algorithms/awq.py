@@ -47,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.algorithms.common import calibrated_leaves, replace_leaves
 from lowbit_jax.algorithms import awq_core
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
 from lowbit_jax.passes.fold import FoldTarget, fold_scales, fold_targets, group_target
@@ -68,11 +69,6 @@ class _Target:
     w = jnp.asarray(self.leaf, jnp.float32)
     w = w.T if self.layout == "nk" else w
     return w.reshape((-1,) + w.shape[-2:])
-
-
-def _leaves(params) -> dict:
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-  return {sel.path_repr(p): (p, leaf) for p, leaf in flat}
 
 
 def _target(where: str, path: tuple, leaf, wc: WeightCalibration, spec: QuantSpec) -> _Target:
@@ -217,28 +213,9 @@ def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 1
     ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, an
       unsupported layout, NaN weights, or unsupported bits/group combinations.
   """
-  if not isinstance(calib, Calibration):
-    raise ValueError(f"awq: expected a lowbit_jax.Calibration, got {type(calib).__name__}")
   _check_options(n_grid, clip, max_shrink, fold)
   spec = int_spec(bits, group_size=group_size, symmetric=sym, scale_dtype=scale_dtype)
-  leaves = _leaves(params)
-  pred = sel.as_predicate(where)
-  targets = []
-  for w in calib:
-    if w not in leaves:
-      raise ValueError(f"{w}: the calibration has statistics for a leaf that params lack; expected a "
-                       f"calibration from the same model")
-    path, leaf = leaves[w]
-    if isinstance(leaf, QArray) or not hasattr(leaf, "shape") or not pred(sel.path_str(path), leaf):
-      continue
-    targets.append(_target(w, path, leaf, calib[w], spec))
-  if where is not None:
-    for p in sel.select(params, where):
-      if sel.path_repr(p) not in calib:
-        raise ValueError(f"{sel.path_repr(p)}: selected by `where` but the calibration has no statistics for it; "
-                         f"expected a calibration that covers every selected weight")
-  if not targets:
-    raise ValueError(f"awq: no calibrated weight is selected (calibration covers {list(calib)[:6]}...)")
+  targets = [_target(w, path, leaf, calib[w], spec) for w, path, leaf in calibrated_leaves(params, calib, where, "awq")]
 
   groups = same_input_groups(targets)
   foldable = fold_targets(calib.apply_fn, params, calib.batches[0], where=calib.options["where"]) if fold else {}
@@ -253,6 +230,5 @@ def awq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 1
     if ft is not None:
       folded[ft.leaf_path] = s.reshape(ft.leaf_shape)
   bar.close()
-  out = jax.tree_util.tree_map_with_path(lambda p, l: done.get(sel.path_repr(p), l), params,
-                                         is_leaf=lambda x: isinstance(x, QArray))
+  out = replace_leaves(params, done)
   return fold_scales(out, folded) if folded else out

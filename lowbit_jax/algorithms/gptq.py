@@ -24,15 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.algorithms.common import calibrated_leaves, leaves_by_path, replace_leaves
 from lowbit_jax.algorithms.gptq_core import gptq_core
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
 from lowbit_jax.qarray import QArray
 from lowbit_jax.spec import int_spec
-
-
-def _leaves(params) -> dict:
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-  return {sel.path_repr(p): (p, leaf) for p, leaf in flat}
 
 
 def _layout(leaf, wc: WeightCalibration, where: str) -> str:
@@ -97,28 +93,12 @@ def gptq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 
     ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, an
       unsupported layout, or unsupported bits/group combinations.
   """
-  if not isinstance(calib, Calibration):
-    raise ValueError(f"gptq: expected a lowbit_jax.Calibration, got {type(calib).__name__}")
   spec = int_spec(bits, group_size=group_size, symmetric=sym, scale_dtype=scale_dtype)
-  leaves = _leaves(params)
-  pred = sel.as_predicate(where)
   targets = []
-  for w in calib:
-    if w not in leaves:
-      raise ValueError(f"{w}: the calibration has statistics for a leaf that params lack; expected a "
-                       f"calibration from the same model")
-    path, leaf = leaves[w]
-    if isinstance(leaf, QArray) or not pred(sel.path_str(path), leaf):
-      continue
+  for w, _, leaf in calibrated_leaves(params, calib, where, "gptq"):
     _layout(leaf, calib[w], w)
     targets.append(w)
-  if where is not None:
-    for p in sel.select(params, where):
-      if sel.path_repr(p) not in calib:
-        raise ValueError(f"{sel.path_repr(p)}: selected by `where` but the calibration has no statistics for it; "
-                         f"expected a calibration that covers every selected weight")
-  if not targets:
-    raise ValueError(f"gptq: no calibrated weight is selected (calibration covers {list(calib)[:6]}...)")
+  leaves = leaves_by_path(params)
   opts = dict(blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups)
 
   done: dict[str, QArray] = {}
@@ -139,12 +119,7 @@ def gptq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 
       bar.update()
     remaining = [w for w in remaining if w not in done]
     if true_sequential and remaining:
-      current = _replace(params, done)
+      current = replace_leaves(params, done)
       stats = calib.recalibrate(current)
   bar.close()
-  return _replace(params, done)
-
-
-def _replace(params, done: dict):
-  return jax.tree_util.tree_map_with_path(lambda p, l: done.get(sel.path_repr(p), l), params,
-                                          is_leaf=lambda x: isinstance(x, QArray))
+  return replace_leaves(params, done)

@@ -34,7 +34,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from lowbit_jax.formats import integer

@@ -42,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.algorithms.common import calibrated_leaves, replace_leaves
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
 from lowbit_jax.passes.fold import fold_scales, fold_targets, group_target
 from lowbit_jax.qarray import QArray, check_quantizable, with_in_scale
@@ -65,11 +66,6 @@ class Target:
   axis: int
 
 
-def _leaves(params) -> dict:
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-  return {sel.path_repr(p): (p, leaf) for p, leaf in flat}
-
-
 def contraction_axis(leaf, wc: WeightCalibration, where: str, op: str) -> int:
   """The contraction axis c of a (*stack, K, *out) leaf: one contraction axis, the axes before it stacked (per
   layer), at least one output axis after it; anything else raises, naming `where`."""
@@ -84,28 +80,8 @@ def contraction_axis(leaf, wc: WeightCalibration, where: str, op: str) -> int:
 
 def calibrated_targets(params, calib, where: sel.Where, op: str) -> list[Target]:
   """The calibrated, selected float weights of `params`, with their layouts validated against `calib`."""
-  if not isinstance(calib, Calibration):
-    raise ValueError(f"{op}: expected a lowbit_jax.Calibration, got {type(calib).__name__}")
-  leaves = _leaves(params)
-  pred = sel.as_predicate(where)
-  targets = []
-  for w in calib:
-    if w not in leaves:
-      raise ValueError(f"{w}: the calibration has statistics for a leaf that params lack; expected a "
-                       f"calibration from the same model")
-    path, leaf = leaves[w]
-    if isinstance(leaf, QArray) or not pred(sel.path_str(path), leaf):
-      continue
-    wc = calib[w]
-    targets.append(Target(w, path, leaf, wc, contraction_axis(leaf, wc, w, op)))
-  if where is not None:
-    for p in sel.select(params, where):
-      if sel.path_repr(p) not in calib:
-        raise ValueError(f"{sel.path_repr(p)}: selected by `where` but the calibration has no statistics for it; "
-                         f"expected a calibration that covers every selected weight")
-  if not targets:
-    raise ValueError(f"{op}: no calibrated weight is selected (calibration covers {list(calib)[:6]}...)")
-  return targets
+  return [Target(w, path, leaf, calib[w], contraction_axis(leaf, calib[w], w, op))
+          for w, path, leaf in calibrated_leaves(params, calib, where, op)]
 
 
 def checked_absmax(t: Target, op: str) -> np.ndarray:
@@ -216,12 +192,6 @@ def smoothquant(params, calib: Calibration, *, alpha: float = 0.5, where: sel.Wh
   bar.close()
   out = replace_leaves(params, done)
   return fold_scales(out, folded) if folded else out
-
-
-def replace_leaves(params, done: dict):
-  """`params` with the leaves named in `done` (by `path_repr`) replaced; a new tree."""
-  return jax.tree_util.tree_map_with_path(lambda p, l: done.get(sel.path_repr(p), l), params,
-                                          is_leaf=lambda x: isinstance(x, QArray))
 
 
 def smoothing_groups(params, calib: Calibration, *, where: sel.Where = None) -> list[list[str]]:

@@ -18,7 +18,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # CI profile: small but real. `HYPOTHESIS_PROFILE=thorough pytest tests/test_formats.py` runs >= 10,000 examples
 # per property by hand.
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "thorough", max_examples=10_000, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -11,8 +11,8 @@ from lowbit_jax.formats import packing
 def codes_and_bits(draw):
   bits = draw(st.sampled_from([2, 3, 4, 8]))
   m = packing.pack_multiple(bits)
-  length = m * draw(st.integers(1, 12))
-  cols = draw(st.sampled_from([1, 3, 8]))
+  length = m * draw(st.sampled_from([1, 2, 7]))      # few distinct shapes: each one is a compilation
+  cols = draw(st.sampled_from([1, 3]))
   axis = draw(st.sampled_from([0, -2, -1]))
   shape = (length, cols) if axis in (0, -2) else (cols, length)
   codes = draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 2 ** bits - 1)))

@@ -14,8 +14,7 @@ N = 8
 
 @pytest.fixture(scope="module")
 def setup():
-  if jax.device_count() < N:
-    pytest.skip(f"needs {N} devices")
+  assert jax.device_count() >= N, f"conftest must force {N} host devices (XLA_FLAGS), found {jax.device_count()}"
   m = ScanModel(n_layers=2)
   x = jax.random.normal(jax.random.key(1), (N, 3, 12))
   params = random_like(jax.eval_shape(m.init, jax.random.key(0), x)["params"], scale=0.3)

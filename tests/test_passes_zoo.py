@@ -5,6 +5,7 @@ For each model the capture pass finds every weight-consuming dot (count asserted
 """
 import jax
 import pytest
+import transformers  # a dev dependency (pyproject): the zoo tests must run, never skip
 
 import lowbit_jax as lb
 from lowbit_jax import passes as P
@@ -39,7 +40,6 @@ def _hf(cls, cfg, ids):
 
 
 def test_transformers_llama():
-  transformers = pytest.importorskip("transformers")
   cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)
   ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 64)
@@ -55,7 +55,6 @@ def test_transformers_llama():
 
 
 def test_transformers_gpt2_conv1d_and_tied_head():
-  transformers = pytest.importorskip("transformers")
   cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
   ids = jax.random.randint(jax.random.key(3), (2, 8), 0, 64)
   model, params = _hf(transformers.FlaxGPT2LMHeadModel, cfg, ids)

@@ -68,3 +68,35 @@ def scan_model_layer_inputs(params, x):
     x = x + h @ lp["down"]["kernel"] + lp["down"]["bias"]
   out["head"].append(x)
   return {k: [v.reshape(-1, v.shape[-1]) for v in vs] for k, vs in out.items()}
+
+
+def float_buffers(jaxpr) -> list[int]:
+  """Element counts of every float-typed value a jaxpr (or ClosedJaxpr) computes, recursing into the sub-jaxprs
+  of its equations (scan, while, cond branches, pjit, custom_jvp/vjp, remat, ...)."""
+  from jax.extend import core as jex
+
+  def subs(v):
+    if isinstance(v, jex.ClosedJaxpr):
+      yield v.jaxpr
+    elif isinstance(v, jex.Jaxpr):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      for e in v:
+        yield from subs(e)
+
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  sizes = []
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      aval = getattr(v, "aval", None)
+      if aval is not None and hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating):
+        sizes.append(int(np.prod(aval.shape, dtype=np.int64)))
+    for p in eqn.params.values():
+      for sub in subs(p):
+        sizes.extend(float_buffers(sub))
+  return sizes
+
+
+def max_float_buffer(closed_jaxpr) -> int:
+  """The largest float value (element count) anywhere in a jaxpr, sub-jaxprs included; 0 if none."""
+  return max(float_buffers(closed_jaxpr), default=0)

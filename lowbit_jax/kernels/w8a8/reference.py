@@ -10,6 +10,8 @@ and an f32 contraction with the NF4 levels. Result in x.dtype.
 
 Gradient: the activation quantizer is straight-through (QAT's STE), so d/dx and d/dscale are those of the
 weight-only product ``x @ w`` (`kernels.qmatmul.reference`), which is what `with_reference_vjp` wires.
+The weight is decoded one K-tile at a time (`kernels.qmatmul.reference.for_each_tile`): the per-group partial
+sums of one tile are exact int32 (INT) or f32, scaled and accumulated in f32; no float copy of the whole weight.
 This module never imports Pallas.
 """
 from __future__ import annotations
@@ -56,17 +58,22 @@ def quantize_activations(x, fmt: Format, *, per_token: bool = True):
 
 
 def _forward(x, w: QArray, *, per_token: bool):
-  k_pad, groups = w.k_pad, w.n_groups
+  n = w.codes.shape[-1]
   xq, sx = quantize_activations(x, act_format(w), per_token=per_token)
-  xq = jnp.pad(xq, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - w.k)])                 # (..., K_pad)
-  vals = w.code_values()                                                          # (K_pad, N) f32
+  xq = xq.reshape(-1, x.shape[-1])                                                # (M, K)
+  xq = jnp.pad(xq, [(0, 0), (0, w.k_pad - w.k)])                                  # (M, K_pad)
   exact = w.spec.format in (Format.INT, Format.TERNARY)
   acc_t = jnp.int32 if exact else jnp.float32
-  a = xq.astype(acc_t).reshape(x.shape[:-1] + (groups, k_pad // groups))          # (..., G, g)
-  b = vals.astype(acc_t).reshape(groups, k_pad // groups, -1)                     # (G, g, N)
-  partial = jnp.einsum("...gk,gkn->...gn", a, b, preferred_element_type=acc_t)    # (..., G, N)
-  scale = jnp.broadcast_to(w.scale_values(), (groups, vals.shape[-1]))
-  out = jnp.einsum("...gn,gn->...n", partial.astype(jnp.float32), scale, preferred_element_type=jnp.float32)
+
+  def step(acc, xt, vals, scale):   # one weight tile: R scale granules of rows / R code rows each
+    r = vals.shape[0]
+    a = xt.astype(acc_t).reshape(xt.shape[0], r, -1)                              # (M, R, rows/R)
+    partial = jnp.einsum("mrk,rkn->mrn", a, vals.astype(acc_t), preferred_element_type=acc_t)   # (M, R, N)
+    s = jnp.broadcast_to(scale[:, 0, :], (r, n))                                  # (R, N)
+    return acc + jnp.einsum("mrn,rn->mn", partial.astype(jnp.float32), s, preferred_element_type=jnp.float32)
+
+  out = weight_only.for_each_tile(w, xq, step, jnp.zeros((xq.shape[0], n), jnp.float32))     # (M, N)
+  out = out.reshape(x.shape[:-1] + (n,))                                          # (..., N)
   return (out * sx).astype(x.dtype)
 
 

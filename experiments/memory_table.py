@@ -43,7 +43,7 @@ def reports() -> dict[tuple[str, str], lb.MemoryReport]:
   for model, config in MODELS.items():
     params = abstract_params(config)
     for fmt, spec in FORMATS.items():
-      tree = params if spec is None else jax.eval_shape(lambda p, spec=spec: lb.rtn(p, spec), params)
+      tree = params if spec is None else jax.eval_shape(lambda p, spec=spec: lb.rtn(p, None, spec), params)
       out[model, fmt] = lb.memory_report(tree)
   return out
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 import lowbit_jax as lb
 from lowbit_jax import select as sel
+from lowbit_jax.algorithms.llm_int8 import llm_int8_spec
 from lowbit_jax.assets import asset_path
 from lowbit_jax.eval import token_kl_divergence
 from lowbit_jax.io.gguf import load_gguf
@@ -242,20 +243,20 @@ def quantize_row(cfg: Config, row: Row, params, calib) -> Any:
   """The packed parameters of one row (QArray leaves for the linear weights)."""
   m = row.method
   if m is Method.RTN:
-    return lb.rtn(params, lb.int_spec(row.bits, group_size=row.group_size))
+    return lb.rtn(params, None, lb.int_spec(row.bits, group_size=row.group_size))
   if m is Method.GPTQ:
-    return lb.gptq(params, calib, bits=row.bits, group_size=row.group_size, act_order=row.act_order,
+    return lb.gptq(params, calib, lb.int_spec(row.bits, group_size=row.group_size), act_order=row.act_order,
                    static_groups=row.act_order and row.group_size is not None)
   if m is Method.AWQ:
-    return lb.awq(params, calib, bits=row.bits, group_size=row.group_size)
+    return lb.awq(params, calib, lb.int_spec(row.bits, group_size=row.group_size))
   if m is Method.SMOOTHQUANT:
     return lb.smoothquant(params, calib, alpha=cfg.smoothquant_alpha)
   if m is Method.LLM_INT8:
-    return lb.llm_int8(params, calib, threshold=cfg.llm_int8_threshold)
+    return lb.llm_int8(params, calib, llm_int8_spec(threshold=cfg.llm_int8_threshold))
   if m is Method.NF4:
-    return lb.rtn(params, lb.nf4_spec())
+    return lb.rtn(params, None, lb.nf4_spec())
   if m is Method.FP8:
-    return lb.rtn(params, lb.fp8_spec())
+    return lb.rtn(params, None, lb.fp8_spec())
   raise ValueError(f"no quantizer for {row}")
 
 
@@ -353,7 +354,7 @@ def markdown(cfg: Config, results: list[Result], skipped: dict[Row, str], info: 
       f"**Evaluation: {cap}** ({windows}; {cfg.seq_len - 1} scored tokens per window; the fp32 numbers of the "
       f"full sets are in fp32_perplexity.md). KL and top-1 are measured on the {cmp} windows. Calibration: "
       f"{calib}. Settings: RTN and GPTQ symmetric; GPTQ blocksize 128, 1 % dampening, no true-sequential "
-      f"re-capture, act-order with groups uses static groups; AWQ `awq(params, calib, bits=, group_size=)` "
+      f"re-capture, act-order with groups uses static groups; AWQ `awq(params, calib, int_spec(bits, group_size=))` "
       f"(symmetric, clip search, scales folded into the preceding norm where the graph allows, else kept as the QArray in_scale); SmoothQuant alpha {cfg.smoothquant_alpha} (int8 per-channel weights, "
       f"per-token dynamic int8 activations, scales folded like AWQ's); LLM.int8() threshold {cfg.llm_int8_threshold}; NF4 `nf4_spec()` "
       f"(blocks of 64, double-quantized scales); FP8 `fp8_spec()` (E4M3, per-tensor scale). Scales are float32.",

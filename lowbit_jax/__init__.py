@@ -1,8 +1,9 @@
 """lowbit_jax: low-bit LLM quantization as functional transforms over JAX parameter pytrees and jaxprs.
 
-    calib = lowbit_jax.calibrate(apply_fn, params, batches)      # statistics of every weight-consuming dot
-    qparams = lowbit_jax.rtn(params, lowbit_jax.int_spec(4, group_size=128))
+    calib = lowbit_jax.calibrate(apply_fn, params, batches)      # statistics of every weight the function contracts
+    qparams = lowbit_jax.gptq(params, calib)                     # int4, group 128; or rtn / awq / ... (ALGORITHMS)
     logits = lowbit_jax.quantized(apply_fn)(qparams, tokens)     # the unmodified model on packed weights
+    print(lowbit_jax.quantized(apply_fn).report(qparams, tokens))   # what runs packed, per weight
     print(lowbit_jax.memory_report(qparams))
 """
 from lowbit_jax.memory import MemoryReport, memory_report
@@ -13,12 +14,14 @@ from lowbit_jax.spec import (ActQuant, Format, PerChannel, PerGroup, PerTensor, 
 from lowbit_jax.passes import Calibration, Stat, analyze, calibrate, quantized  # noqa: E402  (after the core)
 from lowbit_jax.algorithms.awq import awq  # noqa: E402
 from lowbit_jax.algorithms.gptq import gptq  # noqa: E402
-from lowbit_jax.algorithms.llm_int8 import OutlierReport, llm_int8, outlier_report  # noqa: E402
-from lowbit_jax.algorithms.smoothquant import smoothquant  # noqa: E402
+from lowbit_jax.algorithms.llm_int8 import OutlierReport, llm_int8, llm_int8_spec, outlier_report  # noqa: E402
+from lowbit_jax.algorithms.smoothquant import W8A8_SPEC, smoothquant  # noqa: E402
+from lowbit_jax.algorithms.registry import ALGORITHMS  # noqa: E402
 
 __all__ = [
     "Format", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "int_spec", "nf4_spec", "fp8_spec",
     "ternary_spec", "QArray", "quantize", "qarray_sharding", "rtn", "memory_report", "MemoryReport",
     "calibrate", "Calibration", "Stat", "analyze", "quantized", "gptq", "awq",
-    "smoothquant", "llm_int8", "outlier_report", "OutlierReport", "ActQuant",
+    "smoothquant", "llm_int8", "outlier_report", "OutlierReport", "ActQuant", "llm_int8_spec", "W8A8_SPEC",
+    "ALGORITHMS",
 ]

@@ -1,7 +1,7 @@
 """memory_report: what a (quantized) parameter tree really costs in bytes.
 
 Works on concrete arrays and on abstract shapes alike (`jax.ShapeDtypeStruct`, e.g. the output of
-`jax.eval_shape(lambda p: lowbit_jax.rtn(p, spec), abstract_params)`), so a 70B-parameter model is reported
+`jax.eval_shape(lambda p: lowbit_jax.rtn(p, None, spec), abstract_params)`), so a 70B-parameter model is reported
 without allocating it. Bytes are what is stored: QArray codes with their padding, scales and zero points.
 """
 from __future__ import annotations
@@ -16,6 +16,14 @@ from lowbit_jax import select as sel
 from lowbit_jax.qarray import QArray
 
 GB = 1e9   # decimal gigabytes, as model sizes are usually quoted; GiB are shown beside them
+
+
+def human_bytes(n: float) -> str:
+  """Decimal units, as model sizes are quoted: 512 B, 8.39 MB, 3.67 GB."""
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if abs(n) >= size:
+      return f"{n / size:.3g} {unit}"
+  return f"{int(n)} B"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,14 @@ number of scale granules along it (1 for per-channel / per-tensor):
             ``dequantize() = (code - zero) * scale / s``, so ``x @ W == (x / s) @ (s ⊙ W)`` runs the kernel on
             ``x / s``
 
+The contraction block: a weight may be contracted over several consecutive axes (DenseGeneral's (H, Dh, D)
+out-projection, a conv's (kh, kw, in)). The stored arrays hold them flattened into the one packed axis (K =
+prod(k_shape), row-major), so groups, padding and every format work unchanged; `k_shape` unflattens them and
+`shape` is the logical shape. When other axes sit between the contracted ones (maxtext's (heads, layers, head_dim,
+embed)), the stored arrays keep those axes in front of the block and `perm` maps the stored-logical axes to the
+logical ones (`shape[i] == stored_logical_shape[perm[i]]`); views (`lowbit_jax.qviews`) move data only when the
+block is consecutive again. `k_axes` are the logical contracted axes.
+
 `K_pad` rounds K up to whole groups and to the packing multiple; padded entries are zeros, masked out of every
 statistic and sliced off by `dequantize`, so padding never changes a value. Because the spec's axis is stored
 negative and the logical shape is derived from the leaves, a QArray stays valid under `vmap` / `pmap` / `scan`
@@ -52,32 +60,63 @@ def _where(path: str | None) -> str:
 class QArray:
   """Packed low-bit codes with their scales; see the module docstring for the invariants."""
 
-  def __init__(self, codes, scale, zero, *, spec: QuantSpec, k: int, dtype, in_scale=None):
+  def __init__(self, codes, scale, zero, *, spec: QuantSpec, k, dtype, in_scale=None, perm=None):
     self.codes = codes
     self.scale = scale
     self.zero = zero
     self.in_scale = in_scale
     self.spec = spec
-    self.k = k
+    self.k_shape = (int(k),) if isinstance(k, (int, np.integer)) else tuple(int(n) for n in k)
     self.dtype = np.dtype(dtype)
+    self.perm = None if perm is None else tuple(int(a) for a in perm)
 
   # --- pytree ---------------------------------------------------------------------------------------------
   def tree_flatten_with_keys(self):
     children = ((GetAttrKey("codes"), self.codes), (GetAttrKey("scale"), self.scale),
                 (GetAttrKey("zero"), self.zero), (GetAttrKey("in_scale"), self.in_scale))
-    return children, (self.spec, self.k, self.dtype)
+    return children, (self.spec, self.k_shape, self.dtype, self.perm)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)   # no validation: leaves may be tracers, ShapeDtypeStructs or shardings
     obj.codes, obj.scale, obj.zero, obj.in_scale = children
-    obj.spec, obj.k, obj.dtype = aux
+    obj.spec, obj.k_shape, obj.dtype, obj.perm = aux
     return obj
 
   # --- logical view ---------------------------------------------------------------------------------------
   @property
   def axis(self) -> int:
+    """The (negative) axis of the *stored* arrays that holds the flattened contraction block."""
     return self.spec.axis
+
+  @property
+  def k(self) -> int:
+    """Logical length of the flattened contraction block (the product of `k_shape`)."""
+    return math.prod(self.k_shape)
+
+  @property
+  def k_axes(self) -> tuple[int, ...]:
+    """The logical axes (non-negative, ascending) that are contracted: `len(k_shape)` axes, consecutive unless
+    `perm` interleaves others (maxtext's (heads, layers, head_dim, embed) out-projection)."""
+    start = self.codes.ndim + self.axis
+    block = range(start, start + len(self.k_shape))
+    if self.perm is None:
+      return tuple(block)
+    return tuple(i for i, a in enumerate(self.perm) if a in block)
+
+  @property
+  def stored_logical_shape(self) -> tuple[int, ...]:
+    """The shape `perm` maps to the logical one: the stored arrays' shape with the contraction block unflattened."""
+    s = list(self.codes.shape)
+    i = len(s) + self.axis
+    return tuple(s[:i]) + self.k_shape + tuple(s[i + 1:])
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The logical shape with the contraction block flattened to one axis of length K (what codes encode)."""
+    s = list(self.codes.shape)
+    s[self.axis] = self.k
+    return tuple(s)
 
   @property
   def k_pad(self) -> int:
@@ -94,13 +133,14 @@ class QArray:
 
   @property
   def shape(self) -> tuple[int, ...]:
-    s = list(self.codes.shape)
-    s[self.axis] = self.k
-    return tuple(s)
+    """Logical shape: `stored_logical_shape` seen through `perm` (logical axis i is stored-logical axis
+    perm[i]); `perm` None is the identity."""
+    s = self.stored_logical_shape
+    return s if self.perm is None else tuple(s[a] for a in self.perm)
 
   @property
   def ndim(self) -> int:
-    return len(self.codes.shape)
+    return len(self.shape)
 
   @property
   def size(self) -> int:
@@ -143,11 +183,15 @@ class QArray:
     out = lax.slice_in_dim(out, 0, self.k, axis=out.ndim + self.axis)
     if self.in_scale is not None:
       out = out / self.in_scale.astype(jnp.float32)
+    out = out.reshape(self.stored_logical_shape)                               # K -> k_shape
+    if self.perm is not None:
+      out = jnp.transpose(out, self.perm)
     return out.astype(self.dtype)
 
   def without_in_scale(self) -> "QArray":
     """The stored codes as a QArray of s ⊙ W (what a kernel multiplies ``x / s`` with)."""
-    return QArray(self.codes, self.scale, self.zero, spec=self.spec, k=self.k, dtype=self.dtype)
+    return QArray(self.codes, self.scale, self.zero, spec=self.spec, k=self.k_shape, dtype=self.dtype,
+                  perm=self.perm)
 
 
 def _expand(a, axis):

@@ -1,10 +1,15 @@
 """Round-to-nearest (RTN) quantization as a pytree transform: the baseline every other method is measured by.
 
-    qparams = lowbit_jax.rtn(params, spec)          # selected leaves become QArrays, everything else is kept
+    qparams = lowbit_jax.rtn(params, calib, spec)     # each weight along the axes the function contracts
+    qparams = lowbit_jax.rtn(params, None, spec)      # no trace: the name rule and the spec's axis
 
-Every leaf is quantized independently with `lowbit_jax.quantize` (round to nearest, clamp to the code range).
-All selected leaves are validated before any is quantized, so an error leaves nothing half-done; the input tree
-is never modified (a new tree is returned).
+Given a `Calibration` or an `Analysis` (`lowbit_jax.analyze(apply_fn, params, example)`, no statistics needed), the
+default selection is by use (every float weight the traced function contracts against an activation) and every
+weight is quantized along its own contraction axes, whatever its layout (DenseGeneral's (H, K, D), gemma's
+(N, D, H), maxtext's (in, layers, out), experts). Without one (`calib=None`), the linear weights are found by
+name (`select.is_linear_weight`) and quantized along the spec's axis. Every leaf is quantized independently
+(round to nearest, clamp to the code range); all are validated before any is quantized; the input tree is never
+modified.
 """
 from __future__ import annotations
 
@@ -14,44 +19,86 @@ import jax
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.layout import WeightLayout
 from lowbit_jax.qarray import QArray, check_quantizable, quantize
-from lowbit_jax.spec import QuantSpec
+from lowbit_jax.spec import QuantSpec, int_spec
+
+DEFAULT_SPEC = int_spec(4, group_size=128)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _quantize_jit(x, spec):
-  return quantize(x, spec)
+@functools.partial(jax.jit, static_argnames=("spec", "layout"))
+def _quantize_jit(x, spec, layout):
+  return quantize(x, spec) if layout is None else layout.quantize(x, spec)
 
 
-def rtn(params, spec: QuantSpec, *, where: sel.Where = None):
+def layouts(params, calib, where: sel.Where, op: str) -> dict:
+  """{key path: WeightLayout | None} of the leaves a transform touches: by use from `calib` (a Calibration or an
+  Analysis), else by `where` / the name rule (layout None: the spec's axis)."""
+  if calib is None:
+    return {p: None for p in sel.select(params, where)}
+  uses = getattr(calib, "uses", None)
+  if uses is None:
+    raise ValueError(f"{op}: expected a lowbit_jax.Calibration, a lowbit_jax.passes.Analysis or None as calib, "
+                     f"got {type(calib).__name__}")
+  if where is None:
+    chosen = getattr(calib, "selected", None)
+    chosen = list(calib.weights) if chosen is None else list(chosen)
+  else:
+    chosen = list(sel.select(params, where))
+  out = {}
+  for p in chosen:
+    use = uses.get(p)
+    if use is None:
+      raise ValueError(f"{sel.path_repr(p)}: selected but the traced function never uses it; expected a weight "
+                       f"that {op} can lay out (narrow `where`, or trace the function that uses it)")
+    wc = getattr(calib, "weights", {}).get(p)
+    out[p] = wc.layout if wc is not None else use.layout()
+  return out
+
+
+def rtn(params, calib=None, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where = None):
   """Quantize the selected leaves of `params` to `spec` by rounding to nearest.
 
   Args:
     params: any pytree of arrays (Flax linen params, an NNX `State`, a transformers Flax params dict).
-    spec: the target format (`QuantSpec`).
-    where: which leaves: None for the linear weights (`select.is_linear_weight`), a key-path regex matched
-      against "a/b/kernel" paths, or a predicate `(path, leaf) -> bool`.
+    calib: a `Calibration` or `Analysis` of the function that uses `params` (selection by use, each weight along
+      its own contraction axes), or None (the name rule, along `spec`'s axis).
+    spec: the target format (`QuantSpec`); its granularity's axis is replaced by each weight's contraction
+      block when `calib` is given.
+    where: which leaves: None for the default (see above), a key-path regex matched against "a/b/kernel"
+      paths, or a predicate `(path, leaf) -> bool`.
 
   Returns:
     A tree of the same structure with the selected leaves replaced by `QArray`s.
 
   Raises:
     ValueError: naming the key path, for an empty selection, non-float leaves, a missing contraction axis,
-      a non-dividing group size under `strict`, or NaN/inf weights.
+      a non-dividing group size under `strict`, NaN/inf weights, or weights the function never uses.
   """
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"rtn: expected a QuantSpec, got {spec!r}")
-  chosen = sel.select(params, where)
-  for path, leaf in chosen.items():
-    check_quantizable(leaf, spec, sel.path_repr(path))
+  chosen = layouts(params, calib, where, "rtn")
+  leaves = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0])
+  for path, lay in chosen.items():
+    leaf = leaves[path]
+    if isinstance(leaf, QArray):
+      raise ValueError(f"{sel.path_repr(path)}: already quantized; expected a float leaf")
+    if lay is not None and tuple(leaf.shape) != lay.shape:
+      raise ValueError(f"{sel.path_repr(path)}: shape {tuple(leaf.shape)} differs from the traced {lay.shape}; "
+                       f"expected the params the calibration was made on")
+    check_quantizable(leaf if lay is None else leaf.reshape(lay.merged_shape),
+                      spec if lay is None else lay.spec_for(spec), sel.path_repr(path))
   bar = tqdm(total=len(chosen), desc="rtn", leave=False, disable=len(chosen) < 16)
 
   def one(path, leaf):
     if path not in chosen:
       return leaf
     bar.update()
-    return _quantize_jit(leaf, spec)
+    return _quantize_jit(leaf, spec, chosen[path])
 
   out = jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QArray))
   bar.close()
   return out
+
+
+__all__ = ["rtn", "layouts", "DEFAULT_SPEC", "WeightLayout"]

@@ -5,19 +5,22 @@
     analyze(apply_fn, params, x).sites                # which leaf feeds which dot, through which views
 
 Modules: `interpreter` (jaxpr evaluation with per-primitive rules and rebuilt control flow), `origin` (leaf
-coordinates of views), `qviews` (views on packed QArrays), `values` (the special values and their rules),
+coordinates of views), `qdot` (packed dots and ragged dots), `values` (the special values and their rules),
 `capture` (statistics), `rewrite` (`quantized`), `calibration` (public API), `trace` (tracing entry point),
 `fold` (which per-channel parameter, e.g. a norm's scale, feeds exactly a group of linears: AWQ/SmoothQuant fold
 their scales into it).
 """
-from lowbit_jax.passes.calibration import Analysis, Calibration, WeightCalibration, analyze, calibrate
+from lowbit_jax.passes.calibration import (Analysis, Calibration, CalibrationOptions, WeightCalibration, WeightUse,
+                                           analyze, calibrate)
 from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats, collect
-from lowbit_jax.passes.origin import DotSite, Note, Side
+from lowbit_jax.passes.origin import DotSite, Note, Side, SiteKind
 from lowbit_jax.passes.fold import FoldTarget, fold, fold_scales, fold_targets, group_target
-from lowbit_jax.passes.rewrite import QuantizedFn, quantized
+from lowbit_jax.passes.rewrite import QuantizedFn, RunReport, WeightRun, quantized
+from lowbit_jax.passes.values import DequantizedWarning, Impl, SiteRun
 
 __all__ = [
     "calibrate", "Calibration", "WeightCalibration", "analyze", "Analysis", "quantized", "QuantizedFn",
-    "Stat", "Stats", "ALL_STATS", "collect", "DotSite", "Note", "Side",
+    "Stat", "Stats", "ALL_STATS", "collect", "DotSite", "Note", "Side", "SiteKind", "WeightUse",
+    "CalibrationOptions", "RunReport", "WeightRun", "SiteRun", "Impl", "DequantizedWarning",
     "fold_targets", "fold_scales", "fold", "group_target", "FoldTarget",
 ]

@@ -25,19 +25,30 @@ from lowbit_jax import select as sel
 from lowbit_jax.passes import capture, trace
 from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats
 from lowbit_jax.passes.interpreter import Ctx
-from lowbit_jax.passes.origin import DotSite, Note
+from lowbit_jax.layout import WeightLayout
+from lowbit_jax.passes.origin import DotSite, Note, SiteKind
+from lowbit_jax.passes.uses import WeightUse, weight_uses
 from lowbit_jax.passes.values import WeightHandler, is_array
 from lowbit_jax.qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightCalibration:
-  """Statistics of the activations feeding one weight leaf (see `capture.Stats` for the fields)."""
+  """Statistics of the activations feeding one weight leaf (see `capture.Stats` for the fields); `stats` is None
+  for a weight used without traceable statistics (a convolution, a lookup table)."""
   path: tuple
-  stats: Stats = dataclasses.field(repr=False)
-  sites: tuple[DotSite, ...] = dataclasses.field(repr=False)
+  stats: Stats | None = dataclasses.field(repr=False)
+  use: WeightUse = dataclasses.field(repr=False)
   contract_axes: tuple[int, ...]   # leaf axes the statistics' K enumerates (ascending, row-major)
-  stacked_axes: tuple[int, ...]    # leaf axes matching the statistics' leading axes (per layer)
+  stacked_axes: tuple[int, ...]    # leaf axes matching the statistics' leading axes (layers, experts)
+
+  @property
+  def sites(self) -> tuple[DotSite, ...]:
+    return self.use.sites
+
+  @property
+  def layout(self) -> WeightLayout:
+    return self.use.layout(self.stacked_axes if self.stats is not None else None)
 
   @property
   def where(self) -> str:
@@ -68,9 +79,19 @@ class WeightCalibration:
     return self.stats.outlier_fraction
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+  """What `calibrate` was asked for (replayed by `Calibration.recalibrate`)."""
+  stats: frozenset
+  where: sel.Where
+  outlier_threshold: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """{leaf: WeightCalibration} in first-use order, indexable by key path, "a/b/kernel" or "params['a']['b']".
+  """{key path: WeightCalibration} in first-use order (the jax key path of each leaf; `calib[path]` also takes
+  the "a/b/kernel" form that `where=` regexes match, for interactive use). `uses` has the `WeightUse` of every
+  weight the trace saw, calibrated or not.
 
   Keeps what a sequential algorithm needs to re-run later layers on its partly quantized parameters:
   `recalibrate(params)` re-runs the same apply function on the same batches with the same options.
@@ -80,21 +101,22 @@ class Calibration:
   n_batches: int
   apply_fn: Callable = dataclasses.field(repr=False)
   batches: tuple = dataclasses.field(repr=False)
-  options: dict = dataclasses.field(repr=False)
+  options: CalibrationOptions = dataclasses.field(repr=False)
+  uses: dict = dataclasses.field(repr=False, default_factory=dict)
 
   def __repr__(self):
+    names = [sel.path_str(p) for p in self.weights]
     return (f"Calibration({len(self.weights)} weights, {self.n_batches} batches, {len(self.notes)} notes: "
-            f"{', '.join(list(self.weights)[:3])}{', ...' if len(self.weights) > 3 else ''})")
+            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
 
-  def _lookup(self, key) -> str:
-    if isinstance(key, tuple):
-      key = sel.path_repr(key)
-    if key in self.weights:
+  def _lookup(self, key) -> tuple:
+    if isinstance(key, tuple) and key in self.weights:
       return key
-    for k, w in self.weights.items():
-      if sel.path_str(w.path) == key:
-        return k
-    raise KeyError(f"Calibration has no statistics for {key!r}; it has {list(self.weights)[:8]}...")
+    for p in self.weights:
+      if key in (sel.path_str(p), sel.path_repr(p)):
+        return p
+    raise KeyError(f"Calibration has no statistics for {key!r}; it has "
+                   f"{[sel.path_str(p) for p in self.weights][:8]}...")
 
   def __getitem__(self, key) -> WeightCalibration:
     return self.weights[self._lookup(key)]
@@ -106,7 +128,7 @@ class Calibration:
     except KeyError:
       return False
 
-  def __iter__(self) -> Iterator[str]:
+  def __iter__(self) -> Iterator[tuple]:
     return iter(self.weights)
 
   def __len__(self) -> int:
@@ -115,11 +137,13 @@ class Calibration:
   @property
   def order(self) -> list[tuple]:
     """Key paths in the order the function first consumes them."""
-    return [w.path for w in self.weights.values()]
+    return list(self.weights)
 
   def recalibrate(self, params) -> "Calibration":
     """Statistics of `params` (e.g. with earlier layers already quantized) on the stored batches."""
-    return calibrate(self.apply_fn, params, self.batches, **self.options)
+    o = self.options
+    return calibrate(self.apply_fn, params, self.batches, stats=o.stats, where=o.where,
+                     outlier_threshold=o.outlier_threshold)
 
 
 def _structure(batch):
@@ -148,24 +172,26 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
     params: the parameter pytree (QArray leaves run quantized and are not calibrated).
     batches: an iterable of batches (all with one structure, shape and dtype).
     stats: which `Stat`s to collect (the Hessian costs K² per weight).
-    where: which leaves (see `lowbit_jax.select`); default: the linear weights.
+    where: which leaves (see `lowbit_jax.select`); default: by use, every float weight the function contracts
+      against an activation (`dot_general` / einsum / `ragged_dot` / conv), whatever its name or layout;
+      embedding tables (looked up, tied to a head or not) are left out: select them explicitly to quantize them.
     outlier_threshold: |x| above which an entry counts as an LLM.int8 outlier.
 
+  Weights used without traceable statistics (convolutions, lookup tables, dots whose batch axes are not leaf
+  axes) get an entry with `stats=None` and a note; algorithms quantize those round-to-nearest and say so.
+
   Raises:
-    ValueError: naming the leaf or batch, when the selector matches nothing, a selected leaf feeds no
-      `dot_general` (with what consumed it instead), batches differ in structure/shape/dtype, `apply_fn` fails
-      on `params`, or the activations feeding a weight contain NaN/inf.
+    ValueError: naming the leaf or batch, when the selector matches nothing, a selected leaf is never used by the
+      function, a weight is contracted in two incompatible ways, batches differ in structure/shape/dtype,
+      `apply_fn` fails on `params`, or the activations feeding a weight contain NaN/inf.
   """
   stats = frozenset(stats)
   if not stats or not all(isinstance(s, Stat) for s in stats):
     raise ValueError(f"calibrate: stats must be a non-empty collection of lowbit_jax.passes.Stat, got {stats!r}")
-  chosen = sel.select(params, where)
-  tagged = frozenset(chosen)
   batches = tuple(batches)
   if not batches:
     raise ValueError("calibrate: batches is empty; expected at least one batch")
   ref = _structure(batches[0])
-  traced: dict[str, Ctx] = {}
   described = [(jax.tree_util.keystr(p), shape, str(d)) for p, shape, d in ref[1]]
 
   def guarded(p, batch):
@@ -174,6 +200,13 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
     except Exception as e:
       raise ValueError(f"calibrate: apply_fn(params, batch) failed while tracing (batch leaves {described}); "
                        f"expected params and batches that match the function: {type(e).__name__}: {e}") from e
+
+  found = analyze(guarded, params, batches[0], where=where)
+  chosen = {p: leaf for p, leaf in found.candidates.items() if p in found.selected}
+  for p in chosen:
+    found.uses[p].check()
+  tagged = frozenset(chosen)
+  traced: dict[str, Ctx] = {}
 
   def step(p, batch):
     _, emitted, ctx = capture.collect(guarded, p, batch, tagged=tagged, stats=stats,
@@ -198,46 +231,38 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
                        f"parameters upstream)")
     total = emitted if total is None else merge(total, emitted)
   ctx = traced["ctx"]
-  weights = _assemble(chosen, total, ctx)
-  options = dict(stats=stats, where=where, outlier_threshold=outlier_threshold)
+  weights = _assemble(chosen, total or {}, ctx, found.uses)
+  options = CalibrationOptions(stats=stats, where=where, outlier_threshold=float(outlier_threshold))
   return Calibration(weights=weights, notes=tuple(ctx.notes), n_batches=len(batches), apply_fn=apply_fn,
-                     batches=batches, options=options)
+                     batches=batches, options=options, uses=found.uses)
 
 
-def _assemble(chosen: dict, total: dict, ctx: Ctx) -> dict:
-  by_where: dict[str, list] = {}
+def _assemble(chosen: dict, total: dict, ctx: Ctx, uses: dict) -> dict:
+  by_path: dict = {}
   for key, st in total.items():
-    by_where.setdefault(key[0], []).append((key, st))
-  sites: dict[str, list] = {}
-  for s in ctx.sites:
-    sites.setdefault(s.where, []).append(s)
-  missing = [p for p in chosen if sel.path_repr(p) not in by_where]
-  if missing:
-    lines = []
-    for p in missing:
-      w = sel.path_repr(p)
-      why = [f"{n.primitive}: {n.reason}" for n in ctx.notes if n.where == w] or ["it is never used"]
-      lines.append(f"{w} (shape {tuple(np.shape(chosen[p]))}): {'; '.join(dict.fromkeys(why))}")
-    raise ValueError("calibrate: selected weight(s) feed no dot_general with traceable statistics, so they cannot "
-                     "be calibrated (narrow `where`, or check that params match the function):\n  "
-                     + "\n  ".join(lines))
-  order = list(dict.fromkeys(s.where for s in ctx.sites if s.where in by_where))
+    by_path.setdefault(key[0], []).append((key, st))
+  order = list(dict.fromkeys(s.path for s in ctx.sites if s.path in chosen))
+  order += [p for p in chosen if p not in order]
   out = {}
-  paths = {sel.path_repr(p): p for p in chosen}
-  for w in order:
-    entries = by_where[w]
-    st = _stack_indexed(entries, paths[w], chosen[paths[w]])
-    site_list = tuple(sites.get(w, ()))
-    first = next(s for s in site_list if s.contract_axes)
-    stacked = first.stacked_axes if entries[0][0][1] else ()
+  for path in order:
+    use = uses[path]
+    entries = by_path.get(sel.path_repr(path))
+    if not entries:
+      out[path] = WeightCalibration(path=path, stats=None, use=use, contract_axes=use.contract_axes,
+                                    stacked_axes=())
+      continue
+    st = _stack_indexed(entries, chosen[path])
+    levels, indexed, per_entry = entries[0][0][1:]
+    first = next(s for s in use.sites if s.contract_axes and s.kind is not SiteKind.LOOKUP)
+    stacked = first.stacked_axes if levels else ()
     if len(entries) > 1 and all(k[2] for k, _ in entries):
       stacked = (entries[0][0][2][0][0],)
-    out[w] = WeightCalibration(path=paths[w], stats=st, sites=site_list, contract_axes=first.contract_axes,
-                               stacked_axes=stacked)
+    out[path] = WeightCalibration(path=path, stats=st, use=use, contract_axes=use.contract_axes,
+                                  stacked_axes=tuple(stacked) + tuple(per_entry))
   return out
 
 
-def _stack_indexed(entries, path, leaf) -> Stats:
+def _stack_indexed(entries, leaf) -> Stats:
   """One leaf used through static indices (`w[0]`, `w[1]`, ...): stack the per-index statistics."""
   if len(entries) == 1:
     return entries[0][1]
@@ -257,9 +282,17 @@ def _stack_indexed(entries, path, leaf) -> Stats:
 
 @dataclasses.dataclass(frozen=True)
 class Analysis:
-  """The weight-consuming dots of a function (`sites`) and where selected weights left the view chain (`notes`)."""
+  """What one abstract trace of a function says about its weights.
+
+  `sites`: every consumer (dot, ragged dot, conv, lookup) of a candidate float leaf or a QArray leaf, in leaf
+  coordinates; `notes`: where candidates left the view chain; `uses`: {key path: WeightUse}; `candidates`:
+  {key path: leaf} traced; `selected`: the key paths `where` picks (default: by use, see `calibrate`).
+  """
   sites: tuple[DotSite, ...]
   notes: tuple[Note, ...]
+  uses: dict = dataclasses.field(default_factory=dict, repr=False)
+  candidates: dict = dataclasses.field(default_factory=dict, repr=False)
+  selected: tuple = ()
 
   def by_path(self) -> dict[str, list[DotSite]]:
     out: dict[str, list[DotSite]] = {}
@@ -268,26 +301,58 @@ class Analysis:
     return out
 
 
-def analyze(apply_fn: Callable, params, *args, where: sel.Where = None, **kwargs) -> Analysis:
-  """Weight-origin analysis of `apply_fn(params, *args, **kwargs)`, abstractly (nothing is computed): every
-  `dot_general` fed by a selected float leaf or a QArray leaf, in leaf coordinates, with its nesting."""
-  try:
-    tagged = frozenset(sel.select(params, where))
-  except ValueError:
-    if not any(isinstance(l, QArray) for l in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))):
-      raise
-    tagged = frozenset()   # a quantized tree: its QArray leaves are analysed
-  box: dict[str, Any] = {}
+def _candidates(params, where: sel.Where) -> dict:
+  """Leaves to trace: every float leaf of >= 2 dims (selection by use), or what `where` selects."""
+  if where is not None:
+    return sel.select(params, where)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
+  return {p: l for p, l in flat if not isinstance(l, QArray) and hasattr(l, "shape") and hasattr(l, "dtype")
+          and len(np.shape(l)) >= 2 and jnp.issubdtype(l.dtype, jnp.floating)}
 
+
+def analyze(apply_fn: Callable, params, *args, where: sel.Where = None, **kwargs) -> Analysis:
+  """Weight-use analysis of `apply_fn(params, *args, **kwargs)`, abstractly (nothing is computed): every
+  consumer of a candidate float leaf or a QArray leaf, in leaf coordinates, the `WeightUse` of each leaf and
+  the default selection.
+
+  Raises:
+    ValueError: `where` selects nothing, or a leaf `where` selects explicitly is never used by the function
+      (naming it and what consumed it instead). A weight contracted in two incompatible ways is reported when
+      it is calibrated or quantized (`WeightUse.conflict`).
+  """
+  cand = _candidates(params, where)
+  has_q = any(isinstance(l, QArray) for l in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
+  if not cand and not has_q:
+    raise ValueError("empty selection: params has no floating leaf of >= 2 dims to quantize")
+  box: dict[str, Any] = {}
   leaves, tree = jax.tree.flatten((params, args, kwargs), is_leaf=lambda x: isinstance(x, QArray))
   dynamic = [isinstance(x, QArray) or is_array(x) for x in leaves]
 
   def run(*dyn):
     it = iter(dyn)
     p, a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-    out, ctx = trace.evaluate(apply_fn, p, a, kw, WeightHandler(), tagged=tagged)
+    out, ctx = trace.evaluate(apply_fn, p, a, kw, WeightHandler(warn=False), tagged=frozenset(cand))
     box["ctx"] = ctx
     return out
 
   jax.eval_shape(run, *[x for x, d in zip(leaves, dynamic) if d])
-  return Analysis(sites=tuple(box["ctx"].sites), notes=tuple(box["ctx"].notes))
+  ctx = box["ctx"]
+  uses = weight_uses(ctx.sites, cand)
+  if where is None:
+    selected = tuple(p for p in cand if p in uses and uses[p].contracted and not uses[p].embedding)
+    if not selected and not has_q:
+      raise ValueError(f"empty selection: no float leaf of params is contracted against an activation by the "
+                       f"function (traced {len(cand)} candidate leaves); select weights with `where`")
+  else:
+    missing = [p for p in cand if p not in uses]
+    if missing:
+      lines = []
+      for p in missing:
+        w = sel.path_repr(p)
+        why = [f"{n.primitive}: {n.reason}" for n in ctx.notes if n.where == w] or ["it is never used"]
+        lines.append(f"{w} (shape {tuple(np.shape(cand[p]))}): {'; '.join(dict.fromkeys(why))}")
+      raise ValueError("selected weight(s) feed no dot_general, ragged_dot, conv or lookup, so they cannot be "
+                       "calibrated (narrow `where`, or check that params match the function):\n  "
+                       + "\n  ".join(lines))
+    selected = tuple(cand)
+  return Analysis(sites=tuple(ctx.sites), notes=tuple(ctx.notes), uses=uses, candidates=cand, selected=selected)

@@ -19,6 +19,7 @@ import dataclasses
 import enum
 from typing import Any, Callable, Collection
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.tree_util import register_dataclass
@@ -86,6 +87,15 @@ class Collector:
         abs_sum=jnp.sum(ax, axis=0) if Stat.ABS_MEAN in want else None,
         outliers=(jnp.sum(ax > self.outlier_threshold, axis=0, dtype=jnp.int32)
                   if Stat.OUTLIERS in want else None))
+
+  def segmented(self, x, segment, n: int) -> Stats:
+    """Stats per segment: x (T, K) rows, `segment` (T,) ids in [0, n) (rows with other ids are dropped); a
+    leading axis of length n (gathered experts, `ragged_dot` groups)."""
+    def one(e):
+      mask = segment == e
+      st = self.stats(jnp.where(mask[:, None], x, 0.0))
+      return dataclasses.replace(st, count=jnp.sum(mask, dtype=jnp.int32))
+    return jax.vmap(one)(jnp.arange(n))
 
   def merge(self, a: Stats, b: Stats) -> Stats:
     return _combine(a, b, jnp.add, jnp.maximum)

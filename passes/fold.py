@@ -7,7 +7,7 @@ scale s of those linears can be folded into it (``x @ W == (x / s) @ (s ⊙ W)``
 
 The analysis traces `apply_fn(params, *args)` once, abstractly (`jax.eval_shape`), through the interpreter of
 `passes/interpreter.py`. Selected weights (`where`, default the linear weights) enter as `Tagged` values (views
-followed by `origin.propagate`); every other float leaf of rank >= 1 is a *candidate* p (its last axis the channel):
+followed by the view table, `passes/views.py`); every other float leaf of rank >= 1 is a *candidate* p (its last axis the channel):
 
   * `Chan`: a view of p whose axis `axis` enumerates p's channel (entries along other axes are copies; `lead`
     lists the value axes still holding p's unscanned leading axes, which must be consumed by scans first);
@@ -26,7 +26,6 @@ leading axes, in the same scan order: a per-layer s of shape stack + (K,) folds 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -36,7 +35,7 @@ from jax.tree_util import register_pytree_node_class
 
 from lowbit_jax import select as sel
 from lowbit_jax.passes import origin as orig
-from lowbit_jax.passes import trace
+from lowbit_jax.passes import trace, views
 from lowbit_jax.passes.interpreter import Handler, bind
 from lowbit_jax.passes.values import Tagged, is_array
 from lowbit_jax.qarray import QArray
@@ -105,30 +104,6 @@ def _float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
 
 
-def map_channel(name: str, params: dict, in_shape, out_shape, out_dtype, axis: int) -> int | None:
-  """The output axis of view `name` that enumerates the same channel as input axis `axis` (each output entry
-  along it equals an input entry of that channel), or None when `name` is not such a view."""
-  in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-  if name in orig.IDENTITY_VIEWS:
-    return axis if in_shape == out_shape else None
-  if name == "convert_element_type":
-    return axis if _float(out_dtype) else None
-  if name == "transpose":
-    return tuple(params["permutation"]).index(axis)
-  if name == "squeeze":
-    dims = {d % len(in_shape) for d in params["dimensions"]}
-    return None if axis in dims else axis - sum(d < axis for d in dims)
-  if name == "broadcast_in_dim":
-    j = tuple(params["broadcast_dimensions"])[axis]
-    return j if out_shape[j] == in_shape[axis] else None
-  if name == "reshape" and params.get("dimensions") is None:
-    before = math.prod(in_shape[:axis])
-    for j, n in enumerate(out_shape):
-      if n == in_shape[axis] and math.prod(out_shape[:j]) == before:
-        return j
-  return None
-
-
 class _FoldHandler(Handler):
   """Tracks candidates (Chan / Scaled) and selected weights (Tagged); records uses on the host while tracing."""
 
@@ -179,13 +154,13 @@ class _FoldHandler(Handler):
       return [Scaled(out, v.path, v.axis, v.levels)]
     if i != 0:
       return None
-    in_aval, rest = eqn.invars[0].aval, invals[1:]
+    rest = invals[1:]
     if isinstance(v, Tagged):
-      o = orig.propagate(v.origin, name, eqn.params, in_aval.shape, out_aval.shape, in_aval.dtype, out_aval.dtype)
+      o = views.origin(v.origin, views.View.of(eqn, rest))
       return None if o is None else [Tagged(bind(eqn, [v.array, *rest]), o)]
-    if isinstance(v, Chan) and v.lead and not (name in orig.IDENTITY_VIEWS or name == "convert_element_type"):
+    if isinstance(v, Chan) and v.lead and name not in views.WHOLE:
       return None
-    axis = map_channel(name, eqn.params, in_aval.shape, out_aval.shape, out_aval.dtype, v.axis)
+    axis = views.channel(v.axis, views.View.of(eqn, rest))
     if axis is None:
       return None
     out = bind(eqn, [v.array, *rest])

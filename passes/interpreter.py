@@ -37,6 +37,9 @@ CALL = frozenset({"jit", "pjit", "closed_call", "core_call", "core_closed_call"}
 CHECKPOINT = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
 SCAN, WHILE, COND, SHARD_MAP = "scan", "while", "cond", "shard_map"
+# Ops whose output is the same activation for input-identity purposes (one activation feeding q/k/v).
+ALIASES = frozenset({"convert_element_type", "copy", "copy_p", "reshape", "squeeze", "expand_dims",
+                     "broadcast_in_dim", "pvary", "sharding_constraint", "reduce_precision"})
 
 
 @dataclasses.dataclass
@@ -48,11 +51,27 @@ class Ctx:
   emitted: dict = dataclasses.field(default_factory=dict)
   notes: list = dataclasses.field(default_factory=list)
   sites: list = dataclasses.field(default_factory=list)
+  runs: list = dataclasses.field(default_factory=list)
+  roots: dict = dataclasses.field(default_factory=dict)   # jaxpr var -> the var it is a view of (ALIASES)
+  ids: dict = dataclasses.field(default_factory=dict)     # root var -> small int, in first-use order
   recording: bool = True
 
   def child(self, label: str | None, pos: str, *, recording: bool | None = None) -> "Ctx":
     return Ctx(nesting=self.nesting + ((label,) if label else ()), prefix=f"{self.prefix}/{pos}",
-               notes=self.notes, sites=self.sites, recording=self.recording if recording is None else recording)
+               notes=self.notes, sites=self.sites, runs=self.runs, roots=self.roots, ids=self.ids,
+               recording=self.recording if recording is None else recording)
+
+  def input_id(self, var) -> int | None:
+    """A stable small id of the activation `var` (a jaxpr variable), seen through value-preserving views, so
+    that two dots fed by one activation (q/k/v; gate/up) get the same id. None for literals."""
+    if not isinstance(var, jcore.Var):
+      return None
+    root = self.roots.get(var, var)
+    return self.ids.setdefault(root, len(self.ids))
+
+  def run(self, item) -> None:
+    if self.recording:
+      self.runs.append(item)
 
   def note(self, item) -> None:
     if self.recording:
@@ -119,6 +138,8 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts, args, handler: Handler, ctx: Ctx) -> 
   for v, a in zip(jaxpr.invars, args):
     write(v, a)
   for i, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name in ALIASES and isinstance(eqn.invars[0], jcore.Var):
+      ctx.roots[eqn.outvars[0]] = ctx.roots.get(eqn.invars[0], eqn.invars[0])
     invals = [read(v) for v in eqn.invars]
     outs = eval_eqn(eqn, invals, handler, ctx, str(i))
     if not eqn.primitive.multiple_results:
@@ -181,10 +202,18 @@ def _merge_into(ctx: Ctx, emitted: dict, handler: Handler, transform: Callable[[
 
 # --- rules ------------------------------------------------------------------------------------------------
 
+def _link(ctx: Ctx, inner_vars, outer_vars) -> None:
+  """Inner variables of an inlined / rebuilt sub-jaxpr stand for the outer ones (input identity)."""
+  for i, o in zip(inner_vars, outer_vars):
+    if isinstance(o, jcore.Var):
+      ctx.roots[i] = ctx.roots.get(o, o)
+
+
 def _call(eqn, invals, handler, ctx, pos):
   closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
   if isinstance(closed, jcore.Jaxpr):
     closed = jcore.ClosedJaxpr(closed, ())
+  _link(ctx, closed.jaxpr.invars, eqn.invars)
   name = eqn.params.get("name", eqn.primitive.name)
   return _inline(closed, invals, handler, ctx, f"{eqn.primitive.name}({name})", pos)
 
@@ -201,6 +230,7 @@ def _custom(eqn, invals, handler, ctx, pos):
   name = eqn.params.get("name", eqn.primitive.name)
   if not isinstance(closed, jcore.ClosedJaxpr):
     closed = jcore.ClosedJaxpr(closed, ())
+  _link(ctx, closed.jaxpr.invars, eqn.invars)
   ctx.note(_note(handler, invals, eqn.primitive.name,
                  f"custom derivative rule of {name!r} dropped (the primal computation is differentiated)", ctx))
   return _inline(closed, invals, handler, ctx, f"{eqn.primitive.name}({name})", pos)
@@ -215,6 +245,7 @@ def _checkpoint(eqn, invals, handler, ctx, pos):
   closed = eqn.params["jaxpr"]
   if not isinstance(closed, jcore.ClosedJaxpr):
     closed = jcore.ClosedJaxpr(closed, ())
+  _link(ctx, closed.jaxpr.invars, eqn.invars)
   sub_ctx = ctx.child(eqn.primitive.name, pos)
 
   def body(*args):
@@ -233,6 +264,7 @@ def _scan(eqn, invals, handler, ctx, pos):
   p = eqn.params
   nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
   closed = p["jaxpr"]
+  _link(ctx, closed.jaxpr.invars[:nc], eqn.invars[:nc])
   consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
   init = materialize_all(init, handler, ctx, "scan", "carried through a scan (not a constant view)")
   special_x = [handler.is_special(v) for v in xs]

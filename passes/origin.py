@@ -4,7 +4,7 @@ An `Origin` travels with a value derived from a parameter leaf by *views* only (
 entries but never combine them: `convert_element_type` between floats, `transpose`, `reshape`, `squeeze`,
 size-1 `broadcast_in_dim`, `slice`, `dynamic_slice`, identity ops such as `copy` / `pvary` / `sharding_constraint`,
 and the per-iteration slicing of a stacked leaf by `scan`). Any other op ends the origin: its result is a plain
-array. `propagate` is pure shape logic; the interpreter handlers (`passes/values.py`) call it.
+array. The per-primitive rules live in the view table (`passes/views.py`); this module holds the shape logic.
 
 Invariants of an `Origin` for a value of shape `s`:
   * `len(axes) == len(s)`; `axes[i]` is the tuple of leaf axes that axis `i` enumerates in row-major order
@@ -19,15 +19,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import numpy as np
 
 from lowbit_jax.select import path_repr, path_str
 
 Axes = tuple  # tuple[tuple[int, ...] | None, ...]
 
-# Ops that never change a value (applied leaf-wise to QArrays, passed through for float views).
-IDENTITY_VIEWS = frozenset({"copy", "copy_p", "pvary", "sharding_constraint", "mesh_cast", "reshard",
-                            "optimization_barrier_identity"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +36,7 @@ class Origin:
   cut: frozenset = frozenset()
   stacked: tuple[tuple[int, int], ...] = ()     # (scan level id, leaf axis)
   indexed: tuple[tuple[int, int], ...] = ()     # (leaf axis, static index)
+  gathered: tuple[int, ...] = ()                # leaf axis taken by a gather (its index axes are untracked)
 
   @staticmethod
   def of_leaf(path: tuple, shape: tuple[int, ...]) -> "Origin":
@@ -64,6 +61,14 @@ class Side(enum.Enum):
   RHS = 1
 
 
+class SiteKind(enum.Enum):
+  """How a weight is consumed."""
+  DOT = "dot_general"            # dot_general / einsum / matmul
+  RAGGED_DOT = "ragged_dot"      # lax.ragged_dot (grouped experts): the group axis is a batch axis
+  CONV = "conv"                  # conv_general_dilated: contracted over (spatial, in)
+  LOOKUP = "gather"              # a lookup (embedding rows, gathered experts): not a contraction
+
+
 @dataclasses.dataclass(frozen=True)
 class DotSite:
   """One weight-consuming `dot_general`, in the weight leaf's coordinates.
@@ -72,7 +77,9 @@ class DotSite:
   `batch_axes`: leaf axes that are dot batch dimensions (statistics are not collected for those sites);
   `stacked_axes`: leaf axes sliced by enclosing scans (statistics carry one entry per slice, outermost first);
   `indexed`: (leaf axis, index) pairs selected statically before the dot; `nesting`: the enclosing
-  higher-order primitives, outermost first, e.g. ("scan(length=4)", "remat2").
+  higher-order primitives, outermost first, e.g. ("scan(length=4)", "remat2"); `input_id`: the activation that
+  feeds the dot (equal ids: one activation, seen through value-preserving views; None: the other operand is a
+  parameter or a literal); `kind`: dot, ragged dot, conv or lookup.
   """
   path: tuple
   side: Side
@@ -83,6 +90,10 @@ class DotSite:
   views: tuple[str, ...]
   nesting: tuple[str, ...]
   leaf_shape: tuple[int, ...]
+  input_id: int | None = None
+  kind: SiteKind = SiteKind.DOT
+  against_param: bool = False    # the other operand is (a view of) a parameter leaf, not an activation
+  gathered: tuple[int, ...] = ()  # leaf axes a gather took before this site (gathered experts)
 
   @property
   def where(self) -> str:
@@ -90,7 +101,7 @@ class DotSite:
 
   def __str__(self):
     inside = " inside " + " > ".join(self.nesting) if self.nesting else ""
-    return (f"{self.where} ({self.side.name} of dot_general, contracting leaf axes {self.contract_axes}"
+    return (f"{self.where} ({self.side.name} of {self.kind.value}, contracting leaf axes {self.contract_axes}"
             f"{', via ' + ', '.join(self.views) if self.views else ''}){inside}")
 
 
@@ -127,60 +138,12 @@ def enter_scan(origin: Origin, level: int, length: int) -> Origin | None:
                              views=origin.views + (f"scan slice of axis {a}",))
 
 
-def propagate(origin: Origin, name: str, params: dict, in_shape, out_shape, in_dtype=None, out_dtype=None
-              ) -> Origin | None:
-  """The origin of the output of view primitive `name` applied to a value with `origin`, or None if the op is
-  not a view (or the view cannot be followed)."""
-  in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-  if name in IDENTITY_VIEWS:
-    return origin._with(origin.axes, name) if in_shape == out_shape else None
-  if name == "convert_element_type":
-    if out_dtype is None or not np.issubdtype(np.dtype(out_dtype), np.floating):
-      return None
-    return origin._with(origin.axes, name)
-  if name == "transpose":
-    perm = params["permutation"]
-    return origin._with([origin.axes[p] for p in perm], name)
-  if name == "squeeze":
-    dims = {d % len(in_shape) for d in params["dimensions"]}
-    return _drop_unit_axes(origin, dims, name)
-  if name == "reshape":
-    if params.get("dimensions") is not None:
-      return None
-    return _reshape(origin, in_shape, out_shape)
-  if name == "broadcast_in_dim":
-    bdims = tuple(params["broadcast_dimensions"])
-    if any(out_shape[j] != in_shape[i] for i, j in enumerate(bdims)):
-      return None
-    if any(out_shape[j] != 1 for j in range(len(out_shape)) if j not in bdims):
-      return None
-    axes = [()] * len(out_shape)
-    for i, j in enumerate(bdims):
-      axes[j] = origin.axes[i]
-    return origin._with(axes, name)
-  if name in ("slice", "dynamic_slice"):
-    if name == "slice" and params.get("strides") not in (None,) and any(s != 1 for s in params["strides"]):
-      return None
-    cut = set(origin.cut)
-    indexed = list(origin.indexed)
-    for i, (a, b) in enumerate(zip(in_shape, out_shape)):
-      if a != b:
-        entry = origin.axes[i]
-        if entry is None or len(entry) != 1:
-          return None
-        cut.add(entry[0])
-        if name == "slice" and b == 1:
-          indexed.append((entry[0], int(params["start_indices"][i])))
-    return origin._with(origin.axes, name, cut=frozenset(cut), indexed=tuple(indexed))
-  return None
-
-
-def _drop_unit_axes(origin: Origin, dims: set[int], view: str) -> Origin:
+def drop_unit_axes(origin: Origin, dims: set[int], view: str) -> Origin:
   axes = [e for i, e in enumerate(origin.axes) if i not in dims]
   return origin._with(axes, view)
 
 
-def _reshape(origin: Origin, in_shape, out_shape) -> Origin | None:
+def follow_reshape(origin: Origin, in_shape, out_shape) -> Origin | None:
   """Follow a reshape: blocks of consecutive axes with equal products map onto each other (merges concatenate
   leaf axes; a split recovers leaf axes only when it splits a merged axis at its leaf boundaries)."""
   src = [(i, n) for i, n in enumerate(in_shape) if n != 1]

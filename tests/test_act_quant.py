@@ -172,7 +172,7 @@ def test_rewrite_pass_runs_activation_quantized_weights(spec):
   params = _MLP().init(jax.random.PRNGKey(0), x)["params"]
   apply = lambda p, x: _MLP().apply({"params": p}, x)
   kernels.clear_decisions()
-  q = lb.rtn(params, spec)
+  q = lb.rtn(params, None, spec)
   out = jax.jit(lb.quantized(apply))(q, x)
   ops = {d.op for d in kernels.decisions()}
   assert ops == {"w8a8_matmul" if spec is W8A8 else "llm_int8_matmul"}

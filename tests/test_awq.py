@@ -12,8 +12,8 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax import eval as lbeval
-from lowbit_jax import select as sel
-from lowbit_jax.algorithms.awq import _target, awq, same_input_groups
+from lowbit_jax.algorithms import common
+from lowbit_jax.algorithms.awq import awq
 from lowbit_jax.assets import asset_path
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, stack_layers
@@ -35,13 +35,13 @@ def _model():
 @functools.lru_cache(maxsize=None)
 def _awq4():
   m, _, _, _, calib = _model()
-  return awq(m.params, calib, bits=4, group_size=32, fold=False)   # in_scale everywhere: the grouping shows
+  return awq(m.params, calib, lb.int_spec(4, group_size=32), fold=False)   # in_scale everywhere: the grouping shows
 
 
 @functools.lru_cache(maxsize=None)
 def _kl_rtn4():
   m, apply, _, held, _ = _model()
-  return _kl(apply, m.params, lb.rtn(m.params, lb.int_spec(4, group_size=32)), held)
+  return _kl(apply, m.params, lb.rtn(m.params, None, lb.int_spec(4, group_size=32)), held)
 
 
 def _kl(apply, fp_params, qparams, tokens):
@@ -81,11 +81,9 @@ def test_one_scale_per_input():
     assert not np.array_equal(np.asarray(att["wo"]["kernel"].in_scale), s_q)             # other inputs
     assert not np.array_equal(np.asarray(ffn["w1"]["kernel"].in_scale), s_q)
   m, _, _, _, calib = _model()
-  leaves = {sel.path_repr(p): l for p, l in jax.tree_util.tree_flatten_with_path(m.params)[0]}
-  spec = lb.int_spec(4, group_size=32)
-  targets = [_target(w, calib[w].path, leaves[w], calib[w], spec) for w in calib if "'layers_1'" in w]
-  names = [[t.path[-2].key for t in g] for g in same_input_groups(targets)]
-  assert names == [["wq", "wk", "wv"], ["wo"], ["w1", "w3"], ["w2"]]
+  targets = common.calibrated_leaves(m.params, calib, r"layers_1/.*kernel", "awq")
+  names = [[t.path[-2].key for t in g] for g in common.input_groups(targets)]
+  assert names == [["wq", "wk", "wv"], ["wo"], ["w1", "w3"], ["w2"]]       # from the trace's input ids
 
 
 def test_scanned_stack():
@@ -94,7 +92,7 @@ def test_scanned_stack():
   apply = lambda p, t: model.apply({"params": p}, t)
   params = stack_layers(m.params, m.config.n_layers)
   calib = lb.calibrate(apply, params, batches[:2])
-  q = awq(params, calib, bits=4, group_size=32, fold=False)
+  q = awq(params, calib, lb.int_spec(4, group_size=32), fold=False)
   wq, wk = q["layers"]["attention"]["wq"]["kernel"], q["layers"]["attention"]["wk"]["kernel"]
   assert isinstance(wq, lb.QArray) and wq.shape == (5, 64, 64) and wq.in_scale.shape == (5, 64, 1)
   np.testing.assert_array_equal(np.asarray(wk.in_scale), np.asarray(wq.in_scale))
@@ -128,7 +126,7 @@ def test_any_linen_model_and_out_in_weights():
   params, apply, batches = _toy()
   calib = lb.calibrate(apply, params, batches)
   before = _host(params)
-  q = awq(params, calib, bits=4, group_size=32, fold=False)
+  q = awq(params, calib, lb.int_spec(4, group_size=32), fold=False)
   jax.tree.map(np.testing.assert_array_equal, _host(params), before)
   assert q["weight"].shape == (64, 172) and q["weight"].in_scale.shape == (1, 172)
   np.testing.assert_array_equal(np.asarray(q["up"]["kernel"].in_scale), np.asarray(q["gate"]["kernel"].in_scale))
@@ -138,7 +136,7 @@ def test_any_linen_model_and_out_in_weights():
                      is_leaf=lambda l: isinstance(l, lb.QArray))
   out = jax.jit(lb.quantized(apply))(q, x)
   np.testing.assert_allclose(out, apply(deq, x), rtol=1e-3, atol=1e-3)
-  rtn = jax.jit(lb.quantized(apply))(lb.rtn(params, lb.int_spec(4, group_size=32)), x)
+  rtn = jax.jit(lb.quantized(apply))(lb.rtn(params, calib, lb.int_spec(4, group_size=32)), x)   # traced axes
   assert float(jnp.mean((out - ref) ** 2)) < float(jnp.mean((rtn - ref) ** 2))
 
 
@@ -152,7 +150,7 @@ def test_bad_inputs_name_the_path_and_leave_params_alone():
   with pytest.raises(ValueError, match=gate + ".*does not match"):
     awq(other, calib)
   bad = dict(calib.weights)
-  bad["params['gate']['kernel']"] = dataclasses.replace(
+  bad[calib["gate/kernel"].path] = dataclasses.replace(
       calib["gate/kernel"], stats=dataclasses.replace(calib["gate/kernel"].stats,
                                                       abs_sum=jnp.full((64,), jnp.nan)))
   with pytest.raises(ValueError, match=gate + ".*NaN"):
@@ -167,10 +165,10 @@ def test_bad_inputs_name_the_path_and_leave_params_alone():
   nan_w["up"]["kernel"] = params["up"]["kernel"].at[0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"params\['up'\]\['kernel'\].*finite"):
     awq(nan_w, calib)
-  with pytest.raises(ValueError, match="bits"):
-    awq(params, calib, bits=5)
-  with pytest.raises(ValueError, match="size"):
-    awq(params, calib, group_size=0)
+  with pytest.raises(ValueError, match=r"awq: needs an integer QuantSpec.*FP8"):
+    awq(params, calib, lb.fp8_spec())
+  with pytest.raises(ValueError, match="QuantSpec"):
+    awq(params, calib, 4)
   with pytest.raises(ValueError, match="n_grid"):
     awq(params, calib, n_grid=0)
   with pytest.raises(ValueError, match="max_shrink"):

@@ -47,7 +47,7 @@ def test_jit_matches_eager(name):
 def test_tree_structure_dtypes_and_bytes(name, dtype):
   spec = REGISTRY[name]
   params = _params(dtype)
-  q = lb.rtn(params, spec)
+  q = lb.rtn(params, None, spec)
   assert isinstance(q["block"]["dense"]["kernel"], lb.QArray)
   assert not isinstance(q["embed"]["embedding"], lb.QArray)
   deq = jax.tree.map(lambda l: l.dequantize() if isinstance(l, lb.QArray) else l, q,
@@ -63,7 +63,7 @@ def test_tree_structure_dtypes_and_bytes(name, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_orbax_round_trip_is_exact(name, tmp_path):
-  q = lb.rtn(_params(), REGISTRY[name])
+  q = lb.rtn(_params(), None, REGISTRY[name])
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(tmp_path / "ckpt", q)
   ckpt.wait_until_finished()

@@ -133,7 +133,7 @@ def test_fold_scales_rejects_bad_scales_naming_the_path():
 
 def test_awq_folds_into_norms_on_the_real_model():
   m, apply, _, held, calib = _model()
-  q = awq(m.params, calib, bits=4, group_size=32, fold=True)
+  q = awq(m.params, calib, lb.int_spec(4, group_size=32), fold=True)
   ref = _awq4()
   for i in range(m.config.n_layers):
     layer, before = q[f"layers_{i}"], m.params[f"layers_{i}"]

@@ -10,7 +10,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax import eval as lbeval
-from lowbit_jax.algorithms.llm_int8 import llm_int8, outlier_report
+from lowbit_jax.algorithms.llm_int8 import llm_int8, llm_int8_spec, outlier_report
 from lowbit_jax.assets import asset_path
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama
@@ -41,7 +41,7 @@ def _kl(apply, params, qapply, qparams, held):
 def test_llm_int8_on_the_real_model():
   m, apply, _, held = _setup()
   q = llm_int8(m.params)
-  no_outliers = llm_int8(m.params, threshold=1e30)     # every column int8: plain W8A8
+  no_outliers = llm_int8(m.params, None, llm_int8_spec(threshold=1e30))     # every column int8: plain W8A8
   qapply = jax.jit(lb.quantized(apply))
   ppl_fp = lbeval.perplexity(apply, m.params, held, seq_len=128, batch_size=8, progress=False).ppl
   ppl_q = lbeval.perplexity(qapply, q, held, seq_len=128, batch_size=8, progress=False).ppl
@@ -62,7 +62,7 @@ def test_calibrated_variant_quantizes_the_same_weights():
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  sub = llm_int8(m.params, calib, threshold=4.0, where=r"attention/wq")
+  sub = llm_int8(m.params, calib, llm_int8_spec(threshold=4.0), where=r"attention/wq")
   assert isinstance(sub["layers_0"]["attention"]["wq"]["kernel"], lb.QArray)
   assert not isinstance(sub["layers_0"]["attention"]["wk"]["kernel"], lb.QArray)
   assert sub["layers_0"]["attention"]["wq"]["kernel"].spec.activations.outlier_threshold == 4.0
@@ -89,7 +89,9 @@ def test_bad_inputs_name_the_path():
   m, _, calib, _ = _setup()
   for t in (-1.0, float("nan"), None, "6"):
     with pytest.raises(ValueError, match="threshold"):
-      llm_int8(m.params, threshold=t)
+      llm_int8_spec(threshold=t)
+  with pytest.raises(ValueError, match=r"llm_int8: expected an 8-bit integer QuantSpec with ActQuant\(outlier"):
+    llm_int8(m.params, None, lb.int_spec(8))
   other = jax.tree.map(lambda x: x, m.params)
   other["layers_1"]["attention"]["wq"]["kernel"] = jnp.ones((32, 64))   # another model: K = 32
   with pytest.raises(ValueError, match=r"params\['layers_1'\]\['attention'\]\['wq'\]\['kernel'\].*does not match"):

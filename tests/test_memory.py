@@ -15,7 +15,7 @@ def _abstract_llama(config):
 
 def test_int4_g128_with_bf16_scales_is_4125_bits():
   leaf = {"w": {"kernel": jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)}}
-  q = jax.eval_shape(lambda p: lb.rtn(p, lb.int_spec(4, group_size=128, scale_dtype=jnp.bfloat16)), leaf)
+  q = jax.eval_shape(lambda p: lb.rtn(p, None, lb.int_spec(4, group_size=128, scale_dtype=jnp.bfloat16)), leaf)
   rep = lb.memory_report(q)
   assert rep.bits_per_weight == 4.125
   assert rep.total_bytes == 4096 * 4096 // 2 + (4096 // 128) * 4096 * 2
@@ -26,7 +26,7 @@ def test_abstract_llama_7b_shapes_and_sizes():
   bf16 = lb.memory_report(params)
   assert bf16.total_params == 6_738_415_616          # Llama-2-7B's published parameter count
   assert bf16.gb == pytest.approx(13.48, abs=0.01)
-  q = jax.eval_shape(lambda p: lb.rtn(p, lb.int_spec(4, group_size=128, scale_dtype=jnp.bfloat16)), params)
+  q = jax.eval_shape(lambda p: lb.rtn(p, None, lb.int_spec(4, group_size=128, scale_dtype=jnp.bfloat16)), params)
   rep = lb.memory_report(q)
   assert 3.5 < rep.gb < 4.0                           # the seed's claim: 7B at 4 bit -> 3.5-4 GB
   assert 0.5 < rep.gb_per_billion_params < 0.56
@@ -39,10 +39,10 @@ def test_abstract_llama_7b_shapes_and_sizes():
 def test_concrete_and_abstract_reports_agree():
   params = {"a": {"kernel": jnp.ones((172, 64))}, "b": {"scale": jnp.ones((64,))}}
   spec = lb.nf4_spec()
-  concrete = lb.memory_report(lb.rtn(params, spec))
-  abstract = lb.memory_report(jax.eval_shape(lambda p: lb.rtn(p, spec), params))
+  concrete = lb.memory_report(lb.rtn(params, None, spec))
+  abstract = lb.memory_report(jax.eval_shape(lambda p: lb.rtn(p, None, spec), params))
   assert concrete == abstract
-  assert concrete.leaves[0].nbytes == lb.rtn(params, spec)["a"]["kernel"].nbytes
+  assert concrete.leaves[0].nbytes == lb.rtn(params, None, spec)["a"]["kernel"].nbytes
   assert "NF4" in concrete.table() and "total" in concrete.table()
   assert "bits/weight" in concrete.summary()
 

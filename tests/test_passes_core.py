@@ -66,14 +66,14 @@ def test_stats_selection_and_recalibrate(scan_setup):
   f, params, x = scan_setup
   cal = P.calibrate(f, params, [x], stats={P.Stat.ABSMAX}, where=r"layers/.*kernel$")
   assert len(cal) == 2 and cal["layers/up/kernel"].xtx is None
-  q = lb.rtn(params, SPEC, where=r"^inp/kernel$")
+  q = lb.rtn(params, None, SPEC, where=r"^inp/kernel$")
   cal2 = cal.recalibrate(q)           # the quantized first layer now feeds the stack
   assert len(cal2) == 2 and not np.allclose(cal2["layers/up/kernel"].absmax, cal["layers/up/kernel"].absmax)
 
 
 def test_quantized_equals_dequantized_and_composes(scan_setup):
   f, params, x = scan_setup
-  q = lb.rtn(params, SPEC)
+  q = lb.rtn(params, None, SPEC)
   ref = jax.jit(f)(dequantized(q), x)
   qf = P.quantized(f)
   assert_close(jax.jit(qf)(q, x), ref)
@@ -93,7 +93,7 @@ def test_no_float_weight_materialised_under_jit(scan_setup):
   """No scaled (dequantized) copy of a kernel-handled weight appears: the reference kernel unpacks codes, but
   scales multiply the (.., G, N) partial sums, never a (K, N) weight."""
   f, params, x = scan_setup
-  q = lb.rtn(params, SPEC)
+  q = lb.rtn(params, None, SPEC)
   qf = P.quantized(f)
   jaxpr = jax.make_jaxpr(qf)(q, x)
   assert qf.last_notes == []
@@ -128,7 +128,7 @@ def test_nnx_split_merge():
   assert len(an.sites) == 2
   cal = P.calibrate(f, state, [x])
   assert_close(cal["l1/kernel"].xtx, np.asarray(x).T @ np.asarray(x), 1e-4)
-  q = lb.rtn(state, SPEC)
+  q = lb.rtn(state, None, SPEC)
   assert_close(jax.jit(P.quantized(f))(q, x), jax.jit(f)(dequantized(q), x))
 
 
@@ -152,22 +152,26 @@ def test_views_transpose_multi_axis_and_tied_embedding():
   params = random_like(jax.eval_shape(m.init, jax.random.key(0), tokens)["params"], scale=0.3)
   f = lambda p, t: m.apply({"params": p}, t)
   where = r"(kernel|proj_t|embedding)$"
-  by = P.analyze(f, params, tokens, where=where).by_path()
+  found = P.analyze(f, params, tokens, where=where)
+  by = found.by_path()
   assert by["params['proj_t']"][0].contract_axes == (1,)
   assert by["params['merge']['kernel']"][0].contract_axes == (0, 1)
-  assert by["params['embed']['embedding']"][0].contract_axes == (1,)
+  assert {s.kind for s in by["params['embed']['embedding']"]} == {P.SiteKind.LOOKUP, P.SiteKind.DOT}
+  emb_use = next(u for u in found.uses.values() if u.where == "params['embed']['embedding']")
+  assert emb_use.contract_axes == (1,) and emb_use.embedding
   cal = P.calibrate(f, params, [tokens], where=where)
   assert cal["merge/kernel"].xtx.shape == (16, 16) and cal["embed/embedding"].xtx.shape == (16, 16)
-  assert any(n.primitive == "gather" for n in cal.notes)
   x_emb = np.asarray(params["embed"]["embedding"])[np.asarray(tokens)].reshape(-1, 16)
   assert_close(cal["proj_t"].xtx, x_emb.T @ x_emb, 1e-4)
-  q = lb.rtn(params, lb.int_spec(8, axis=-1), where=r"(proj_t|embedding)$")
-  q = lb.rtn(q, lb.int_spec(8), where=r"split/kernel$")
+  q = lb.rtn(params, None, lb.int_spec(8, axis=-1), where=r"(proj_t|embedding)$")
+  q = lb.rtn(q, found, lb.int_spec(8), where=r"split/kernel$")     # along its traced contraction axis
   qf = P.quantized(f)
   assert_close(jax.jit(qf)(q, tokens), jax.jit(f)(dequantized(q), tokens), 1e-4)
-  reasons = {(n.where, n.primitive) for n in qf.last_notes}
-  assert ("params['embed']['embedding']", "gather") in reasons      # the lookup dequantizes the table
-  assert not any(w == "params['proj_t']" for w, _ in reasons)         # the transposed kernel stays packed
+  report = qf.report(q, tokens)
+  runs = {w.where: w.impls for w in report.weights}
+  assert runs["params['embed']['embedding']"] == {P.Impl.ROWS, P.Impl.REFERENCE}   # rows decoded; head packed
+  assert runs["params['proj_t']"] == {P.Impl.REFERENCE}                 # the transposed kernel stays packed
+  assert not report.dequantized
 
 
 def test_control_flow_and_custom_rules():
@@ -178,7 +182,7 @@ def test_control_flow_and_custom_rules():
   mm.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
 
   def f(p, x):
-    y = jax.lax.cond(jnp.sum(x) > -1e9, lambda: x @ p["a"], lambda: x @ p["a"].T)
+    y = jax.lax.cond(jnp.sum(x) > -1e9, lambda: x @ p["a"], lambda: (p["a"].T @ x.T).T)   # axis 0 both ways
     y = jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["b"]), y)
     y = mm(y, p["c"])
     return jax.jit(lambda a, b: jax.nn.relu(a) @ b)(y, p["d"])
@@ -192,7 +196,7 @@ def test_control_flow_and_custom_rules():
   cal = P.calibrate(f, params, [x], where=where)
   assert_close(cal["a"].xtx, np.asarray(x).T @ np.asarray(x), 1e-4)
   assert int(cal["b"].count) == 9                          # three loop iterations of 3 rows
-  q = lb.rtn(params, lb.int_spec(8), where=where)
+  q = lb.rtn(params, None, lb.int_spec(8), where=where)
   qf = P.quantized(f)
   assert_close(jax.jit(qf)(q, x), jax.jit(f)(dequantized(q), x), 1e-4)
   assert any("custom derivative rule" in n.reason for n in qf.last_notes)
@@ -206,8 +210,9 @@ def test_errors_name_the_leaf(scan_setup):
   with pytest.raises(ValueError, match="empty selection"):
     P.calibrate(f, params, [x], where=r"nothing_here")
   extra = {**params, "unused": {"kernel": jnp.ones((4, 4))}}
+  assert "unused" not in str(list(P.calibrate(f, extra, [x])))     # selection by use skips it
   with pytest.raises(ValueError, match=r"params\['unused'\]\['kernel'\].*never used"):
-    P.calibrate(f, extra, [x])
+    P.calibrate(f, extra, [x], where=r"kernel$")
   with pytest.raises(ValueError, match=r"batch 1 has shape \(2, 4, 12\).*expected shape \(2, 5, 12\)"):
     P.calibrate(f, params, [x, x[:, :4]])
   with pytest.raises(ValueError, match="dtype int32"):

@@ -23,7 +23,7 @@ def setup():
 
 def test_pmap_and_shard_map_of_quantized(setup):
   f, params, x = setup
-  q = lb.rtn(params, lb.int_spec(8))
+  q = lb.rtn(params, None, lb.int_spec(8))
   ref = jax.jit(f)(dequantized(q), x)
   qf = P.quantized(f)
   assert_close(jax.pmap(qf, in_axes=(None, 0))(q, x), ref)
@@ -43,7 +43,7 @@ def test_shard_map_inside_the_function(setup):
   for k in ref:
     assert_close(cal[k].xtx, ref[k].xtx, 1e-4)
     np.testing.assert_array_equal(cal[k].count, ref[k].count)
-  q = lb.rtn(params, lb.int_spec(8))
+  q = lb.rtn(params, None, lb.int_spec(8))
   assert_close(jax.jit(P.quantized(g))(q, x), jax.jit(f)(dequantized(q), x))
 
 

@@ -24,10 +24,11 @@ def test_reference_llama(scan_layers):
   f = lambda p, t: model.apply({"params": p}, t)
   cal = P.calibrate(f, params, [tokens, tokens[::-1]])
   n_dots = 7 * (1 if scan_layers else cfg.n_layers) + 1             # wq wk wv wo w1 w3 w2 per layer, output
-  assert len(cal) == n_dots and len(P.analyze(f, params, tokens).sites) == n_dots
+  dots = [s for s in P.analyze(f, params, tokens).sites if s.kind is P.SiteKind.DOT]
+  assert len(cal) == n_dots and len(dots) == n_dots
   wq = cal["layers/attention/wq/kernel" if scan_layers else "layers_1/attention/wq/kernel"]
   assert wq.hessian.shape == ((2, 32, 32) if scan_layers else (32, 32))
-  q = lb.rtn(params, SPEC)
+  q = lb.rtn(params, None, SPEC)
   qf = P.quantized(f)
   assert_close(jax.jit(qf)(q, tokens), jax.jit(f)(dequantized(q), tokens), 1e-4)
   assert qf.last_notes == []
@@ -48,7 +49,7 @@ def test_transformers_llama():
   with jax.numpy_dtype_promotion("standard"):
     cal = P.calibrate(f, params, [ids])
     assert len(cal) == 7 * 2 + 1
-    q = lb.rtn(params, SPEC)
+    q = lb.rtn(params, None, SPEC)
     qf = P.quantized(f)
     assert_close(jax.jit(qf)(q, ids), jax.jit(f)(dequantized(q), ids), 1e-4)
   assert qf.last_notes == []
@@ -66,7 +67,9 @@ def test_transformers_gpt2_conv1d_and_tied_head():
     # Conv1D kernels are stored (out, in): the analysis reports the contraction on leaf axis 1
     assert cal["transformer/h/0/attn/c_attn/kernel"].contract_axes == (1,)
     assert cal["transformer/wte/embedding"].contract_axes == (1,)
-    q = lb.rtn(params, lb.int_spec(8, axis=-1), where=where)     # quantize along the contraction axis
+    q = lb.rtn(params, None, lb.int_spec(8, axis=-1), where=where)     # quantize along the contraction axis
     qf = P.quantized(f)
     assert_close(jax.jit(qf)(q, ids), jax.jit(f)(dequantized(q), ids), 1e-4)
-  assert [n.primitive for n in qf.last_notes] == ["gather"]     # only the token lookup dequantizes wte
+    runs = {w.where: w.impls for w in qf.report(q, ids).weights}
+  assert not qf.last_notes                                     # the token lookup gathers codes: nothing dequantized
+  assert runs["params['transformer']['wte']['embedding']"] == {P.Impl.ROWS, P.Impl.REFERENCE}

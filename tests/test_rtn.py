@@ -31,14 +31,14 @@ def _qpaths(tree):
 
 
 def test_default_selects_linear_kernels_only():
-  q = lb.rtn(_linen_params(), lb.int_spec(4, group_size=32))
+  q = lb.rtn(_linen_params(), None, lb.int_spec(4, group_size=32))
   assert _qpaths(q) == ["head/kernel", "up/kernel"]
 
 
 def test_linen_model_runs_on_dequantized_rtn_params():
   params = _linen_params()
   tokens = jnp.arange(8).reshape(2, 4)
-  q = lb.rtn(params, lb.int_spec(8))
+  q = lb.rtn(params, None, lb.int_spec(8))
   deq = jax.tree.map(lambda l: l.dequantize() if isinstance(l, lb.QArray) else l, q,
                      is_leaf=lambda l: isinstance(l, lb.QArray))
   out, ref = Block().apply({"params": deq}, tokens), Block().apply({"params": params}, tokens)
@@ -49,10 +49,10 @@ def test_linen_model_runs_on_dequantized_rtn_params():
 
 def test_regex_and_predicate_selection():
   params = _linen_params()
-  assert _qpaths(lb.rtn(params, lb.int_spec(8), where=r"^up/kernel$")) == ["up/kernel"]
-  assert _qpaths(lb.rtn(params, lb.int_spec(8), where=re.compile(r"embed"))) == ["embed/embedding"]
+  assert _qpaths(lb.rtn(params, None, lb.int_spec(8), where=r"^up/kernel$")) == ["up/kernel"]
+  assert _qpaths(lb.rtn(params, None, lb.int_spec(8), where=re.compile(r"embed"))) == ["embed/embedding"]
   pred = lambda path, leaf: leaf.ndim == 2 and leaf.shape[-1] == 50
-  assert _qpaths(lb.rtn(params, lb.int_spec(8), where=pred)) == ["head/kernel"]
+  assert _qpaths(lb.rtn(params, None, lb.int_spec(8), where=pred)) == ["head/kernel"]
 
 
 def test_nnx_state():
@@ -67,7 +67,7 @@ def test_nnx_state():
       return self.fc2(self.norm(self.fc1(self.embed(t))))
 
   graphdef, state = nnx.split(Net(nnx.Rngs(0)))
-  q = lb.rtn(state, lb.nf4_spec())
+  q = lb.rtn(state, None, lb.nf4_spec())
   assert _qpaths(q) == ["fc1/kernel", "fc2/kernel"]
   assert isinstance(q, nnx.State) and isinstance(q["fc1"]["kernel"], nnx.Param)   # wrappers kept
   assert isinstance(q["fc1"]["kernel"].value, lb.QArray)
@@ -81,7 +81,7 @@ def test_nnx_state():
 
 
 def _bad(params, spec=None, **kw):
-  return lb.rtn(params, spec or lb.int_spec(4, group_size=32), **kw)
+  return lb.rtn(params, None, spec or lb.int_spec(4, group_size=32), **kw)
 
 
 @pytest.mark.parametrize("params, kw, match", [
@@ -102,8 +102,8 @@ def test_bad_input_names_the_path(params, kw, match):
 def test_strict_group_error_names_the_path():
   params = {"ffn": {"w2": {"kernel": np.ones((172, 64), np.float32)}}}
   with pytest.raises(ValueError, match=r"params\['ffn'\]\['w2'\]\['kernel'\].*group size 32"):
-    lb.rtn(params, lb.int_spec(4, group_size=32, strict=True))
-  assert lb.rtn(params, lb.int_spec(4, group_size=32))["ffn"]["w2"]["kernel"].k_pad == 192
+    lb.rtn(params, None, lb.int_spec(4, group_size=32, strict=True))
+  assert lb.rtn(params, None, lb.int_spec(4, group_size=32))["ffn"]["w2"]["kernel"].k_pad == 192
 
 
 def test_failed_quantization_leaves_input_untouched():
@@ -113,22 +113,22 @@ def test_failed_quantization_leaves_input_untouched():
   params = {"a": {"kernel": good}, "b": {"kernel": bad}}
   before = {k: v["kernel"].copy() for k, v in params.items()}
   with pytest.raises(ValueError, match=r"params\['b'\]"):
-    lb.rtn(params, lb.int_spec(4))
+    lb.rtn(params, None, lb.int_spec(4))
   for k in params:   # nothing replaced, nothing written
     assert isinstance(params[k]["kernel"], np.ndarray)
     np.testing.assert_array_equal(params[k]["kernel"], before[k])
-  q = lb.rtn({"a": {"kernel": good}}, lb.int_spec(4))
+  q = lb.rtn({"a": {"kernel": good}}, None, lb.int_spec(4))
   np.testing.assert_array_equal(good, before["a"])
   assert isinstance(q["a"]["kernel"], lb.QArray)
 
 
 def test_rtn_under_eval_shape_is_abstract():
   abstract = {"w": {"kernel": jax.ShapeDtypeStruct((4096, 11008), jnp.bfloat16)}}
-  q = jax.eval_shape(lambda p: lb.rtn(p, lb.int_spec(4, group_size=128)), abstract)
+  q = jax.eval_shape(lambda p: lb.rtn(p, None, lb.int_spec(4, group_size=128)), abstract)
   assert isinstance(q["w"]["kernel"].codes, jax.ShapeDtypeStruct)
   assert q["w"]["kernel"].shape == (4096, 11008)
 
 
 def test_rtn_rejects_non_spec():
   with pytest.raises(ValueError, match="QuantSpec"):
-    lb.rtn({"a": {"kernel": np.ones((4, 4), np.float32)}}, "int4")
+    lb.rtn({"a": {"kernel": np.ones((4, 4), np.float32)}}, None, "int4")

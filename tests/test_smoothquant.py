@@ -47,7 +47,7 @@ def _kl(apply, params, qapply, qparams, held):
 def test_smoothquant_w8a8_matches_fp32_and_beats_plain_w8a8():
   m, apply, calib, held = _setup()
   q_sq = smoothquant(m.params, calib, alpha=0.5, fold=False)
-  q_plain = lb.rtn(m.params, QuantSpec(format=Format.INT, bits=8, activations=ActQuant(per_token=True)))
+  q_plain = lb.rtn(m.params, None, QuantSpec(format=Format.INT, bits=8, activations=ActQuant(per_token=True)))
   qapply = jax.jit(lb.quantized(apply))
   ppl_fp = _ppl(apply, m.params, held)
   ppl_sq, ppl_plain = _ppl(qapply, q_sq, held), _ppl(qapply, q_plain, held)
@@ -105,7 +105,7 @@ def test_bad_inputs_name_the_path_and_leave_params_untouched():
   with pytest.raises(ValueError, match=r"params\['layers_1'\]\['attention'\]\['wq'\]\['kernel'\].*does not match"):
     smoothquant(other, calib)
   nan = dataclasses.replace(calib[WQ].stats, absmax=calib[WQ].absmax.at[3].set(jnp.nan))
-  bad = dataclasses.replace(calib, weights={**calib.weights, WQ: dataclasses.replace(calib[WQ], stats=nan)})
+  bad = dataclasses.replace(calib, weights={**calib.weights, calib[WQ].path: dataclasses.replace(calib[WQ], stats=nan)})
   with pytest.raises(ValueError, match=r"params\['layers_1'\]\['attention'\]\['wq'\]\['kernel'\].*NaN"):
     smoothquant(m.params, bad)
   no_absmax = lb.calibrate(apply, m.params, list(calib.batches[:1]), stats={lb.Stat.HESSIAN},

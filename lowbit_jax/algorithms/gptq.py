@@ -1,125 +1,143 @@
-"""GPTQ as a pytree transform: `lowbit_jax.gptq(params, calib, ...)` maps `gptq_core` over the calibrated weights.
+"""GPTQ as a pytree transform: `lowbit_jax.gptq(params, calib, spec)` maps `gptq_core` over the calibrated weights.
 
     calib = lowbit_jax.calibrate(apply_fn, params, batches)
-    qparams = lowbit_jax.gptq(params, calib, bits=4, group_size=128)
+    qparams = lowbit_jax.gptq(params, calib)                                  # int_spec(4, group_size=128)
+    qparams = lowbit_jax.gptq(params, calib, lowbit_jax.int_spec(3, group_size=64), act_order=True,
+                              static_groups=True)
     logits = lowbit_jax.quantized(apply_fn)(qparams, tokens)
 
-Each calibrated weight is quantized with its own Hessian (per layer for a scanned stack). With
-`true_sequential=True` the weights are visited in the order the model first uses them, and after each group of
-weights that share one input (q/k/v; gate/up) the statistics of the remaining weights are re-captured from the model
-with the already-quantized weights in place, as the reference implementation feeds each block the outputs of the
-quantized blocks before it (IST-DASLab/gptq, `llama.py`, `--true-sequential`). A scanned stack is one leaf, so its
-layers are quantized together from one capture. See `gptq_core` for the numerics.
+Every weight is solved in the layout the trace recorded for it (`WeightCalibration.layout`): the leaf as
+(*B, K, N) with B its scanned-layer / expert axes (in any position), K its contraction block (one axis, or several
+for e.g. an (H, Dh, D) out-projection) and N the rest, each (K, N) problem with its own (K, K) Hessian. The
+problems of one leaf are one `lax.map` of `gptq_core.gptq_solve` (dampening retries included, on device); a
+warning names the layers that needed more dampening, an error the ones no dampening fixed.
 
+With `true_sequential=True` the weights are visited in the order the model first uses them, and after each group
+of weights that share one input (the trace's `input_ids`: q/k/v; gate/up) the statistics of the remaining weights
+are re-captured from the model with the already-quantized weights in place, as the reference implementation feeds
+each block the outputs of the quantized blocks before it (IST-DASLab/gptq, `llama.py`, `--true-sequential`). A
+scanned stack is one leaf, so its layers are quantized together from one capture.
+
+Weights without calibration statistics (convolutions) are quantized round-to-nearest, with one warning naming them.
 Nothing is modified in place: all weights and statistics are validated before any is quantized, and the result is
 a new tree.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
-from lowbit_jax.algorithms.common import calibrated_leaves, leaves_by_path, replace_leaves
-from lowbit_jax.algorithms.gptq_core import gptq_core
-from lowbit_jax.passes.calibration import Calibration, WeightCalibration
-from lowbit_jax.qarray import QArray
-from lowbit_jax.spec import int_spec
+from lowbit_jax.algorithms import common
+from lowbit_jax.algorithms.common import Target
+from lowbit_jax.algorithms.gptq_core import check_inputs, damp_levels, gptq_solve
+from lowbit_jax.passes.calibration import Calibration
+from lowbit_jax.spec import QuantSpec, int_spec
+
+DEFAULT_SPEC = int_spec(4, group_size=128)
 
 
-def _layout(leaf, wc: WeightCalibration, where: str) -> str:
-  """'kn' for (*stack, K, N) leaves, 'nk' for 2-D (N, K) ones; anything else is an error."""
-  nd = len(leaf.shape)
-  k = int(np.shape(wc.hessian)[-1])
-  stack = tuple(range(nd - 2))
-  if wc.contract_axes == (nd - 2,) and tuple(wc.stacked_axes) == stack:
-    layout = "kn"
-  elif nd == 2 and wc.contract_axes == (1,) and not wc.stacked_axes:
-    layout = "nk"
-  else:
-    raise ValueError(f"{where}: GPTQ supports (in, out) weights, optionally stacked over leading axes, and 2-D "
-                     f"(out, in) ones; this leaf of shape {tuple(leaf.shape)} is contracted over axes "
-                     f"{wc.contract_axes} with stacked axes {wc.stacked_axes}")
-  kk = leaf.shape[wc.contract_axes[0]]
-  if kk != k or tuple(np.shape(wc.hessian)[:-2]) != tuple(leaf.shape[a] for a in stack if layout == "kn"):
-    raise ValueError(f"{where}: the calibration does not match this weight (Hessian of shape "
-                     f"{np.shape(wc.hessian)} for a leaf of shape {tuple(leaf.shape)}); expected statistics from "
-                     f"the same model")
-  if not bool(jnp.all(jnp.isfinite(wc.hessian))):
-    raise ValueError(f"{where}: the calibration statistics contain NaN/inf; expected finite statistics")
-  return layout
+@functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups"))
+def _solve_stack(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool, static_groups: bool):
+  """`gptq_solve` over the leading axis of W (L, K, N) and H (L, K, K), one layer after the other on device."""
+  solve = functools.partial(gptq_solve, spec=spec, blocksize=blocksize, act_order=act_order,
+                            static_groups=static_groups)
+  return lax.map(lambda wh: solve(wh[0], wh[1], fracs), (W, H))
 
 
-def _transpose_2d(q: QArray) -> QArray:
-  """A (K, N) QArray quantized along axis -2 as the (N, K) QArray quantized along axis -1 (same bytes)."""
-  spec = dataclasses.replace(q.spec, granularity=dataclasses.replace(q.spec.granularity, axis=-1))
-  zero = None if q.zero is None else q.zero.T
-  return QArray(q.codes.T, q.scale.T, zero, spec=spec, k=q.k, dtype=q.dtype)
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  act_order: bool
+  static_groups: bool
+  blocksize: int
+  percdamp: float
+  max_damp_tries: int
 
 
-def _quantize_leaf(leaf, wc: WeightCalibration, layout: str, spec, where: str, **opts) -> QArray:
-  if layout == "nk":
-    return _transpose_2d(gptq_core(jnp.asarray(leaf).T, wc.hessian, spec, path=where, **opts).q)
-  w = jnp.asarray(leaf)
-  if w.ndim == 2:
-    return gptq_core(w, wc.hessian, spec, path=where, **opts).q
-  stack = w.shape[:-2]
-  flat_w = w.reshape((-1,) + w.shape[-2:])                                   # (layers, K, N)
-  flat_h = jnp.reshape(wc.hessian, (-1,) + np.shape(wc.hessian)[-2:])       # (layers, K, K)
-  qs = [gptq_core(flat_w[i], flat_h[i], spec, path=f"{where}[{i}]", **opts).q for i in range(flat_w.shape[0])]
-  q = jax.tree.map(lambda *xs: jnp.stack(xs), *qs)
-  return jax.tree.map(lambda x: x.reshape(stack + x.shape[1:]), q)
+def _check(t: Target, spec: QuantSpec, o: _Options) -> None:
+  common.check_weight(t, spec, "gptq")
+  if not t.has_stats:
+    return
+  lay = t.layout
+  common.check_stat(t, "Hessian", t.wc.stats.xtx, lay.b_shape + (lay.k, lay.k), "Stat.HESSIAN", "gptq")
+  check_inputs((lay.k, lay.n), (lay.k, lay.k), common.kn_spec(spec), act_order=o.act_order,
+               static_groups=o.static_groups, blocksize=o.blocksize, percdamp=o.percdamp,
+               max_damp_tries=o.max_damp_tries, where=f"{t.where}: ")
 
 
-def gptq(params, calib: Calibration, *, bits: int = 4, group_size: int | None = 128, sym: bool = True,
+def _quantize(t: Target, hessian, spec: QuantSpec, o: _Options):
+  """One weight: every (K, N) problem of its layout solved in one `lax.map`; warns / raises naming the layers
+  that needed more dampening / that no dampening fixed."""
+  lay = t.layout
+  fracs = damp_levels(o.percdamp, o.max_damp_tries)
+  H = jnp.reshape(jnp.asarray(hessian, jnp.float32), (-1, lay.k, lay.k))
+  q, _, tries, ok = _solve_stack(t.kn(), H, jnp.asarray(fracs, jnp.float32), spec=common.kn_spec(spec),
+                                 blocksize=o.blocksize, act_order=o.act_order, static_groups=o.static_groups)
+  tries, ok = np.asarray(tries), np.asarray(ok)
+  label = lambda idx: ", ".join(t.where + "".join(f"[{i}]" for i in np.unravel_index(j, lay.b_shape))
+                                for j in idx) if lay.b_shape else t.where
+  if not ok.all():
+    raise ValueError(f"{label(np.flatnonzero(~ok))}: Hessian is not positive definite even with "
+                     f"percdamp={fracs[-1]:g}; expected a Hessian from real activations (check the calibration "
+                     f"data)")
+  if tries.any():
+    bad = np.flatnonzero(tries)
+    warnings.warn(f"{label(bad)}: Hessian not positive definite with percdamp={fracs[0]:g}; needed up to "
+                  f"{fracs[int(tries.max())]:g}", RuntimeWarning, stacklevel=3)
+  return common.unflatten_q(q, t)
+
+
+def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where = None,
          act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-         true_sequential: bool = False, scale_dtype=jnp.float32, where: sel.Where = None):
+         max_damp_tries: int = 5, true_sequential: bool = False):
   """Quantize the calibrated weights of `params` with GPTQ; returns a new tree with QArray leaves.
 
   Args:
     params: the parameters `calib` was collected on.
-    calib: `lowbit_jax.calibrate(apply_fn, params, batches)`.
-    bits, group_size, sym: the integer grid (`lowbit_jax.int_spec`; group_size None = per channel).
-    act_order, static_groups, blocksize, percdamp: as in the reference implementation (see `gptq_core`).
-    true_sequential: re-capture statistics after each group of same-input weights (see the module docstring).
-    scale_dtype: dtype of the stored scales.
+    calib: `lowbit_jax.calibrate(apply_fn, params, batches)` (with Stat.HESSIAN, collected by default).
+    spec: an integer QuantSpec (`lowbit_jax.int_spec(bits, group_size=..., symmetric=..., scale_dtype=...)`);
+      its axis is ignored: each weight is quantized along the contraction block the trace recorded.
     where: which calibrated weights to quantize (default: all of them).
+    act_order, static_groups, blocksize, percdamp: as in the reference implementation (see `gptq_core`).
+    max_damp_tries: how many times dampening is multiplied by 10 for a layer whose Hessian is not positive
+      definite (with a warning) before raising.
+    true_sequential: re-capture statistics after each group of same-input weights (see the module docstring).
 
   Raises:
-    ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, an
-      unsupported layout, or unsupported bits/group combinations.
+    ValueError: naming the key path, for a non-integer spec, a calibration from another model, missing or NaN
+      statistics, NaN weights, unsupported bits/group combinations or a Hessian no dampening makes positive
+      definite (naming the layers).
   """
-  spec = int_spec(bits, group_size=group_size, symmetric=sym, scale_dtype=scale_dtype)
-  targets = []
-  for w, _, leaf in calibrated_leaves(params, calib, where, "gptq"):
-    _layout(leaf, calib[w], w)
-    targets.append(w)
-  leaves = leaves_by_path(params)
-  opts = dict(blocksize=blocksize, percdamp=percdamp, act_order=act_order, static_groups=static_groups)
+  common.check_calibration(calib, "gptq")
+  common.check_spec(spec, "gptq", integer=True)
+  opts = _Options(act_order=act_order, static_groups=static_groups, blocksize=blocksize, percdamp=percdamp,
+                  max_damp_tries=max_damp_tries)
+  if not isinstance(true_sequential, bool):
+    raise ValueError(f"gptq: true_sequential must be a bool, got {true_sequential!r}")
+  targets = common.calibrated_leaves(params, calib, where, "gptq")
+  for t in targets:
+    _check(t, spec, opts)
+  done = common.rtn_fallback([t for t in targets if not t.has_stats], spec, "gptq")
+  targets = [t for t in targets if t.has_stats]
+  groups = common.input_groups(targets) if true_sequential else [targets]
 
-  done: dict[str, QArray] = {}
-  current, stats = params, calib
-  bar = tqdm(total=len(targets), desc="gptq", leave=False)
-  remaining = list(targets)
-  while remaining:
-    if true_sequential:   # the next weight and every other one fed by the same input
-      head = stats[remaining[0]].hessian
-      group = [w for w in remaining if np.shape(stats[w].hessian) == np.shape(head)
-               and bool(jnp.array_equal(stats[w].hessian, head))]
-    else:
-      group = list(remaining)
-    for w in group:
-      path, leaf = leaves[w]
-      wc = stats[w]
-      done[w] = _quantize_leaf(leaf, wc, _layout(leaf, wc, w), spec, w, **opts)
+  stats = calib
+  bar = tqdm(total=len(targets), desc="gptq", leave=False, disable=len(targets) < 16)
+  for i, group in enumerate(groups):
+    if i and true_sequential:   # the statistics of what is left, with every earlier group quantized
+      stats = calib.recalibrate(common.replace_leaves(params, done))
+    for t in group:
+      hessian = stats[t.path].hessian
+      if stats is not calib:
+        common.check_stat(t, "Hessian", hessian, tuple(np.shape(t.wc.hessian)), "Stat.HESSIAN", "gptq")
+      done[t.path] = _quantize(t, hessian, spec, opts)
       bar.update()
-    remaining = [w for w in remaining if w not in done]
-    if true_sequential and remaining:
-      current = replace_leaves(params, done)
-      stats = calib.recalibrate(current)
   bar.close()
-  return replace_leaves(params, done)
+  return common.replace_leaves(params, done)

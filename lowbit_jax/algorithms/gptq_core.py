@@ -20,7 +20,9 @@ Pre-trained Transformers", ICLR 2023 (Algorithm 1). Reference implementation: IS
 The quantization grid is the spec's (`lowbit_jax.formats.integer`): for symmetric specs the scale is
 absmax / (2**(bits-1) - 1) around an implicit zero, where the reference uses 2*absmax / (2**bits - 1); both are
 round-to-nearest grids and GPTQ is agnostic to the choice. Loops are `lax.fori_loop`s inside one `jit`: the trace
-has one column step, whatever K is.
+has one column step, whatever K is. `gptq_solve` is the whole algorithm as one traceable function (dampening
+retries included, as a `lax.while_loop`), so a stack of layers is one `lax.map` / `vmap` of it; `gptq_core` wraps
+it for one weight with host-side validation, warnings and errors.
 
 Deviation: act-order with dynamic groups (the reference's default, which needs a per-column group index `g_idx`)
 is not representable by a QArray's contiguous groups; it raises and asks for `static_groups=True`.
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.formats import integer
-from lowbit_jax.qarray import QArray, from_codes, quantize
+from lowbit_jax.qarray import QArray, check_quantizable, from_codes, quantize
 from lowbit_jax.spec import Format, QuantSpec
 
 
@@ -114,11 +116,98 @@ def _gptq_loop(Wt, Hinv, perm, S0, Z0, *, spec: QuantSpec, blocksize: int, dynam
   return codes, S, Z, loss
 
 
-@jax.jit
 def _upper_cholesky_of_inverse(H):
   L = jnp.linalg.cholesky(H)
   Hi = jax.scipy.linalg.cho_solve((L, True), jnp.eye(H.shape[0], dtype=H.dtype))
   return jnp.linalg.cholesky(Hi).T
+
+
+def _damped_inverse(H, fracs):
+  """Hinv of H + frac * mean(diag(H)) * I for the first frac of `fracs` (percdamp, x10, x100, ...) that makes it
+  positive definite, as a `lax.while_loop` (one trace, vmappable: each layer stops at its own level). Returns
+  Hinv, the number of extra dampings used and whether any level worked."""
+  k = H.shape[0]
+  mean_diag = jnp.mean(jnp.diag(H))
+  eye = jnp.eye(k, dtype=jnp.float32)
+
+  def cond(c):
+    i, _, ok = c
+    return (~ok) & (i < fracs.shape[0])
+
+  def body(c):
+    i, _, _ = c
+    Hinv = _upper_cholesky_of_inverse(H + (fracs[i] * mean_diag) * eye)
+    return i + 1, Hinv, jnp.all(jnp.isfinite(Hinv))
+
+  i, Hinv, ok = lax.while_loop(cond, body, (jnp.int32(0), jnp.zeros((k, k), jnp.float32), jnp.bool_(False)))
+  return Hinv, i - 1, ok
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups"))
+def gptq_solve(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool, static_groups: bool):
+  """GPTQ of one (K, N) weight with its (K, K) Hessian, traceable end to end (vmap / `lax.map` it over layers).
+
+  `fracs`: (T,) float32 dampings to try in order. Inputs must be validated (`check_inputs`). Returns the QArray
+  (K, N) along -2 (dtype of W), the loss, the index of the dampening used and whether H + damp was positive
+  definite at some level (if not, the codes are garbage and the caller must raise)."""
+  k, n = W.shape
+  g = spec.group_size
+  Wt = W.astype(jnp.float32).T                                      # (N, K): rows = outputs
+  dead = jnp.diag(H) == 0
+  H = H + jnp.diag(dead.astype(jnp.float32))
+  Wt = jnp.where(dead[None, :], 0.0, Wt)
+  rtn = quantize(Wt.T, spec)                                       # static / per-channel parameters
+  k_pad = rtn.k_pad
+  S0 = rtn.scale.astype(jnp.float32)                               # (G, N) or (1, N)
+  Z0 = rtn.zero
+  perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(k)
+  Wt, H = Wt[:, perm], H[perm][:, perm]
+  Hinv, tries, ok = _damped_inverse(H, fracs)
+
+  kr = -(-k_pad // math.lcm(blocksize, g or 1)) * math.lcm(blocksize, g or 1)
+  Wt = jnp.pad(Wt, ((0, 0), (0, kr - k)))                           # padding = dead columns, no coupling
+  Hinv = jnp.pad(Hinv, ((0, kr - k), (0, kr - k))) + jnp.diag((jnp.arange(kr) >= k).astype(jnp.float32))
+  perm_full = jnp.concatenate([perm, jnp.arange(k, kr)])
+  dynamic = bool(g) and not static_groups
+  codes, S, Z, loss = _gptq_loop(Wt, Hinv, perm_full, S0, Z0, spec=spec,
+                                 blocksize=blocksize, dynamic_groups=dynamic)
+  codes = codes[:, jnp.argsort(perm_full)][:, :k_pad].T           # (K_pad, N), original column order
+  scale = S.astype(spec.scale_dtype)
+  q = from_codes(codes, scale, Z, spec=rtn.spec, k=k, dtype=W.dtype)
+  return q, loss, tries, ok
+
+
+def damp_levels(percdamp: float, max_damp_tries: int) -> list[float]:
+  """percdamp, then x10 per retry: the max_damp_tries + 1 dampings `gptq_solve` tries (pass them as float32)."""
+  fracs, f = [], float(percdamp)
+  for _ in range(max_damp_tries + 1):
+    fracs.append(f)
+    f *= 10
+  return fracs
+
+
+def check_inputs(w_shape, h_shape, spec: QuantSpec, *, act_order: bool, static_groups: bool, blocksize: int,
+                 percdamp: float, max_damp_tries: int, where: str = "") -> None:
+  """Everything `gptq_solve` needs that shapes and options alone decide; ValueError prefixed by `where`."""
+  if spec.format is not Format.INT or spec.double_quant:
+    raise ValueError(f"{where}GPTQ needs an integer QuantSpec without double quantization, got {spec}")
+  if len(w_shape) != 2 or spec.axis not in (-2, 0):
+    raise ValueError(f"{where}GPTQ expects a 2-D (in, out) weight quantized along axis -2, got shape "
+                     f"{tuple(w_shape)} and axis {spec.axis}")
+  k = w_shape[0]
+  if tuple(h_shape) != (k, k):
+    raise ValueError(f"{where}Hessian of shape {tuple(h_shape)} does not match the weight's {k} inputs; expected "
+                     f"({k}, {k})")
+  g = spec.group_size
+  if act_order and g and not static_groups:
+    raise ValueError(f"{where}act_order with group_size={g} needs static_groups=True: QArray groups are contiguous "
+                     f"in the original column order (no per-column group index)")
+  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+    raise ValueError(f"{where}blocksize must be an int >= 1, got {blocksize!r}")
+  if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
+    raise ValueError(f"{where}percdamp must be a finite float >= 0, got {percdamp!r}")
+  if isinstance(max_damp_tries, bool) or not isinstance(max_damp_tries, int) or max_damp_tries < 0:
+    raise ValueError(f"{where}max_damp_tries must be an int >= 0, got {max_damp_tries!r}")
 
 
 def gptq_core(W, H, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
@@ -131,7 +220,7 @@ def gptq_core(W, H, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 
     spec: an integer QuantSpec (per-channel or per-group along axis -2, symmetric or not).
     blocksize, percdamp, act_order, static_groups: as in the reference implementation.
     max_damp_tries: if H + damp is not positive definite, damp is multiplied by 10 (with a warning), up to
-      this many times, then a ValueError is raised.
+      this many times, then a ValueError is raised. The retries run on device (`gptq_solve`).
     path: labels errors.
 
   Returns:
@@ -140,55 +229,19 @@ def gptq_core(W, H, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 
   where = f"{path}: " if path else ""
   W = jnp.asarray(W)
   H = jnp.asarray(H, jnp.float32)
-  if spec.format is not Format.INT or spec.double_quant:
-    raise ValueError(f"{where}GPTQ needs an integer QuantSpec without double quantization, got {spec}")
-  if W.ndim != 2 or spec.axis not in (-2, 0):
-    raise ValueError(f"{where}GPTQ expects a 2-D (in, out) weight quantized along axis -2, got shape {W.shape} "
-                     f"and axis {spec.axis}")
-  k, n = W.shape
-  if H.shape != (k, k):
-    raise ValueError(f"{where}Hessian of shape {H.shape} does not match the weight's {k} inputs; expected ({k}, {k})")
+  check_inputs(W.shape, H.shape, spec, act_order=act_order, static_groups=static_groups, blocksize=blocksize,
+               percdamp=percdamp, max_damp_tries=max_damp_tries, where=where)
   if not bool(jnp.all(jnp.isfinite(H))):
     raise ValueError(f"{where}expected a finite Hessian, found NaN/inf")
-  g = spec.group_size
-  if act_order and g and not static_groups:
-    raise ValueError(f"{where}act_order with group_size={g} needs static_groups=True: QArray groups are contiguous "
-                     f"in the original column order (no per-column group index)")
-  if blocksize < 1:
-    raise ValueError(f"{where}blocksize must be >= 1, got {blocksize}")
-
-  Wt = W.astype(jnp.float32).T                                      # (N, K): rows = outputs
-  dead = jnp.diag(H) == 0
-  H = H + jnp.diag(dead.astype(jnp.float32))
-  Wt = jnp.where(dead[None, :], 0.0, Wt)
-  rtn = quantize(Wt.T, spec, path=path)                            # static / per-channel parameters
-  k_pad = rtn.k_pad
-  S0 = rtn.scale.astype(jnp.float32)                               # (G, N) or (1, N)
-  Z0 = rtn.zero
-  perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(k)
-  Wt, H = Wt[:, perm], H[perm][:, perm]
-
-  damp_frac = percdamp
-  for attempt in range(max_damp_tries + 1):
-    damp = damp_frac * jnp.mean(jnp.diag(H))
-    Hinv = _upper_cholesky_of_inverse(H + damp * jnp.eye(k, dtype=jnp.float32))
-    if bool(jnp.all(jnp.isfinite(Hinv))):
-      break
-    if attempt == max_damp_tries:
-      raise ValueError(f"{where}Hessian is not positive definite even with percdamp={damp_frac:g}; "
-                       f"expected a Hessian from real activations (check the calibration data)")
-    warnings.warn(f"{where}Hessian not positive definite with percdamp={damp_frac:g}; retrying with "
-                  f"{damp_frac * 10:g}", RuntimeWarning, stacklevel=2)
-    damp_frac *= 10
-
-  kr = -(-k_pad // math.lcm(blocksize, g or 1)) * math.lcm(blocksize, g or 1)
-  Wt = jnp.pad(Wt, ((0, 0), (0, kr - k)))                           # padding = dead columns, no coupling
-  Hinv = jnp.pad(Hinv, ((0, kr - k), (0, kr - k))) + jnp.diag((jnp.arange(kr) >= k).astype(jnp.float32))
-  perm_full = jnp.concatenate([perm, jnp.arange(k, kr)])
-  dynamic = bool(g) and not static_groups
-  codes, S, Z, loss = _gptq_loop(Wt, Hinv, perm_full, S0, Z0, spec=spec,
-                                 blocksize=blocksize, dynamic_groups=dynamic)
-  codes = codes[:, jnp.argsort(perm_full)][:, :k_pad].T           # (K_pad, N), original column order
-  scale = S.astype(spec.scale_dtype)
-  q = from_codes(codes, scale, Z, spec=rtn.spec, k=k, dtype=W.dtype)
-  return GPTQResult(q=q, loss=float(loss), percdamp=damp_frac)
+  check_quantizable(W, spec, path)
+  fracs = damp_levels(percdamp, max_damp_tries)
+  q, loss, tries, ok = gptq_solve(W, H, jnp.asarray(fracs, jnp.float32), spec=spec, blocksize=blocksize,
+                                  act_order=act_order, static_groups=static_groups)
+  tries = int(tries)
+  if not bool(ok):
+    raise ValueError(f"{where}Hessian is not positive definite even with percdamp={fracs[-1]:g}; "
+                     f"expected a Hessian from real activations (check the calibration data)")
+  if tries:
+    warnings.warn(f"{where}Hessian not positive definite with percdamp={percdamp:g}; needed "
+                  f"{fracs[tries]:g}", RuntimeWarning, stacklevel=2)
+  return GPTQResult(q=q, loss=float(loss), percdamp=fracs[tries])

@@ -3,7 +3,8 @@
 Dettmers, Lewis, Belkada, Zettlemoyer, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale"
 (NeurIPS 2022); reference code: bitsandbytes `Linear8bitLt` / `MatMul8bitLt`.
 
-    qparams = lowbit_jax.llm_int8(params)                        # int8 weights, outlier_threshold 6.0
+    qparams = lowbit_jax.llm_int8(params)                        # LLM_INT8_SPEC: int8, outlier_threshold 6.0
+    qparams = lowbit_jax.llm_int8(params, calib, llm_int8_spec(threshold=4.0))
     logits = lowbit_jax.quantized(apply_fn)(qparams, tokens)     # kernels.qmatmul -> llm_int8_matmul
     print(outlier_report(lowbit_jax.calibrate(apply_fn, params, batches)).markdown())
 
@@ -13,8 +14,11 @@ forward pass then splits x (..., K) by input column: the columns with any |x| > 
 dequantized weight rows, the rest as int8 x int8 -> int32 with per-token activation scales (vector-wise
 quantization); see `kernels/w8a8/llm_int8.py` for the matmul and its deviations (masks instead of gathers).
 
-The transform needs no calibration; given one, it quantizes the calibrated weights with their recorded
-contraction axes (else the selected leaves with the Flax (in, out) axis -2), and `outlier_report` summarizes
+The transform needs no calibration (it is round-to-nearest with an `ActQuant(outlier_threshold=...)` spec); given
+one, it quantizes the calibrated weights along the contraction block the trace recorded (`WeightCalibration.layout`:
+any layout, scanned layers in any position, several contraction axes; no statistics needed, so convolutions too),
+else the selected leaves along the spec's axis (-2: Flax (in, out) kernels, stacked or not). `outlier_report`
+summarizes
 which layers see outlier columns (from `absmax`: a column is an outlier column at threshold t when max |x| > t,
 the criterion the matmul applies per call).
 """
@@ -29,11 +33,29 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
-from lowbit_jax.algorithms import smoothquant as sq
+from lowbit_jax.algorithms import common
 from lowbit_jax.kernels.w8a8.llm_int8 import DEFAULT_THRESHOLD
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.qarray import QArray, check_quantizable, quantize
-from lowbit_jax.spec import ActQuant, QuantSpec
+from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec
+
+
+def llm_int8_spec(*, threshold: float = DEFAULT_THRESHOLD) -> QuantSpec:
+  """int8, symmetric, one absmax scale per output channel, with the LLM.int8() activation path at `threshold`.
+
+  Raises:
+    ValueError: for a threshold that is not a finite float >= 0.
+  """
+  if threshold is None:
+    raise ValueError("llm_int8_spec: threshold must be a finite float >= 0 (6.0 in the paper), got None")
+  try:
+    act = ActQuant(outlier_threshold=threshold)
+  except ValueError as e:
+    raise ValueError(f"llm_int8_spec: threshold: {e}") from None
+  return QuantSpec(format=Format.INT, bits=8, granularity=PerChannel(axis=-2), activations=act)
+
+
+LLM_INT8_SPEC = llm_int8_spec()
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -41,55 +63,43 @@ def _quantize_jit(w, spec: QuantSpec) -> QArray:
   return quantize(w, spec)   # inputs validated (and errors named) before any call
 
 
-def llm_int8(params, calib: Calibration | None = None, *, threshold: float = DEFAULT_THRESHOLD,
-             where: sel.Where = None):
+def _check_spec(spec) -> None:
+  common.check_spec(spec, "llm_int8")
+  act = spec.activations
+  if spec.format is not Format.INT or spec.bits != 8 or act is None or act.outlier_threshold is None:
+    raise ValueError(f"llm_int8: expected an 8-bit integer QuantSpec with ActQuant(outlier_threshold=...) "
+                     f"activations (llm_int8_spec(threshold=6.0)), got {spec}")
+
+
+def llm_int8(params, calib: Calibration | None = None, spec: QuantSpec = LLM_INT8_SPEC, *, where: sel.Where = None):
   """Quantize weights of `params` for LLM.int8() inference; returns a new tree with QArray leaves.
 
   Args:
     params: any parameter pytree.
-    calib: optional `lowbit_jax.calibrate(...)` of `params`: when given, its weights (and contraction axes) are
-      the ones quantized; when None, the leaves selected by `where` (default: the linear weights) are quantized
-      along axis -2 (Flax's (in, out) kernels, stacked or not).
-    threshold: the outlier magnitude (6.0 in the paper); 0 runs every non-zero column in float.
-    where: which leaves (see `lowbit_jax.select`).
+    calib: optional `lowbit_jax.calibrate(...)` of `params`: when given, its weights are the ones quantized, each
+      along its traced contraction block; when None, the leaves selected by `where` (default: the linear weights)
+      are quantized along the spec's axis (-2: Flax's (in, out) kernels, stacked or not).
+    spec: `llm_int8_spec(threshold=...)` (default threshold 6.0, the paper's; 0 runs every non-zero column in
+      float): 8-bit integers with an `ActQuant(outlier_threshold=...)`.
+    where: which leaves (see `lowbit_jax.select`; with a calibration, which calibrated weights).
 
   Raises:
-    ValueError: naming the key path, for an invalid threshold, a calibration from another model, an unsupported
-      layout, or NaN/inf/non-float weights.
+    ValueError: naming the key path, for a spec without an outlier threshold, a calibration from another model,
+      or NaN/inf/non-float weights.
   """
-  try:
-    act = ActQuant(outlier_threshold=threshold)
-  except ValueError as e:
-    raise ValueError(f"llm_int8: {e}") from None
-  if act.outlier_threshold is None:
-    raise ValueError("llm_int8: threshold must be a finite float >= 0 (6.0 in the paper), got None")
+  _check_spec(spec)
   if calib is None:
     chosen = sel.select(params, where)
-    jobs = {sel.path_repr(p): (leaf, sq.w8a8_spec(-2, act)) for p, leaf in chosen.items()}
-  else:
-    targets = sq.calibrated_targets(params, calib, where, "llm_int8")
-    for t in targets:
-      want, got = tuple(np.shape(t.leaf)[:t.axis + 1]), _stat_shape(t.wc)
-      if got != want:
-        raise ValueError(f"{t.where}: the calibration does not match this weight (statistics of shape {got} for "
-                         f"a leaf of shape {tuple(np.shape(t.leaf))}; expected {want}); expected statistics "
-                         f"from the same model")
-    jobs = {t.where: (t.leaf, sq.w8a8_spec(t.axis - len(np.shape(t.leaf)), act)) for t in targets}
-  for w, (leaf, spec) in jobs.items():
-    check_quantizable(leaf, spec, w)
-  done: dict[str, QArray] = {}
-  for w, (leaf, spec) in tqdm(jobs.items(), desc="llm_int8", leave=False, disable=len(jobs) < 16):
-    done[w] = _quantize_jit(jnp.asarray(leaf), spec)
-  return sq.replace_leaves(params, done)
-
-
-def _stat_shape(wc) -> tuple:
-  """(*stack, K) as the calibration's statistics see it (from whichever statistic was collected)."""
-  st = wc.stats
-  for v in (st.absmax, st.abs_sum, st.outliers):
-    if v is not None:
-      return tuple(np.shape(v))
-  return tuple(np.shape(st.xtx))[:-1]
+    for p, leaf in chosen.items():
+      check_quantizable(leaf, spec, sel.path_repr(p))
+    done = {p: _quantize_jit(jnp.asarray(leaf), spec)
+            for p, leaf in tqdm(chosen.items(), desc="llm_int8", leave=False, disable=len(chosen) < 16)}
+    return common.replace_leaves(params, done)
+  targets = common.calibrated_leaves(params, calib, where, "llm_int8")
+  for t in targets:
+    common.check_weight(t, spec, "llm_int8")
+  # no statistics needed: every weight (convolutions included) is round-to-nearest along its contraction block
+  return common.replace_leaves(params, common.rtn_fallback(targets, spec, "llm_int8", warn=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +166,10 @@ def outlier_report(calib: Calibration, *, threshold: float = DEFAULT_THRESHOLD) 
   if t is None:
     raise ValueError("outlier_report: threshold must be a finite float >= 0, got None")
   rows = []
-  for w in calib:
-    wc = calib[w]
+  for path in calib:
+    wc, w = calib[path], sel.path_repr(path)
+    if wc.stats is None:
+      continue   # no traceable statistics (a convolution)
     if wc.absmax is None:
       raise ValueError(f"{w}: the calibration has no absmax statistics; expected Stat.ABSMAX for outlier_report")
     a = np.asarray(wc.absmax, np.float32)
@@ -169,8 +181,8 @@ def outlier_report(calib: Calibration, *, threshold: float = DEFAULT_THRESHOLD) 
       rows.append(OutlierRow(where=name, k=int(a.shape[-1]), outlier_columns=int(np.sum(a[idx] > t)),
                              max_abs=float(np.max(a[idx])),
                              entry_fraction=None if frac is None else float(np.mean(frac[idx]))))
-  cal_t = float(calib.options.get("outlier_threshold", DEFAULT_THRESHOLD))
+  cal_t = float(calib.options.outlier_threshold)
   return OutlierReport(threshold=t, calibration_threshold=cal_t, rows=tuple(rows))
 
 
-__all__ = ["llm_int8", "outlier_report", "OutlierReport", "OutlierRow"]
+__all__ = ["llm_int8", "llm_int8_spec", "LLM_INT8_SPEC", "outlier_report", "OutlierReport", "OutlierRow"]

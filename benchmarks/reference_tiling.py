@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ import lowbit_jax as lb  # noqa: E402
 from lowbit_jax.kernels.qmatmul import reference  # noqa: E402
 from lowbit_jax.qarray import QArray  # noqa: E402
 from passhelpers import max_float_buffer  # noqa: E402
+from kernels import median_ms  # noqa: E402  (benchmarks/kernels.py, this script's folder)
 
 MS = (1, 16, 256)
 MIB = 2.0 ** 20
@@ -50,21 +49,11 @@ def _untiled_reference(x, w: QArray):
   return out.astype(x.dtype)
 
 
-def _median_ms(f, args, iters: int) -> float:
-  jax.block_until_ready(f(*args))   # warm-up (compiles)
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
-
-
 def _measure(fn, x, w, iters: int) -> dict:
   f = jax.jit(fn)
   temp = f.lower(x, w).compile().memory_analysis().temp_size_in_bytes
   buf = max_float_buffer(jax.make_jaxpr(fn)(x, w)) * 4
-  return dict(temp=temp, buf=buf, ms=_median_ms(f, (x, w), iters))
+  return dict(temp=temp, buf=buf, ms=median_ms(f, x, w, iters=iters))
 
 
 def main():

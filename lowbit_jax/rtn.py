@@ -27,7 +27,8 @@ DEFAULT_SPEC = int_spec(4, group_size=128)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "layout"))
-def _quantize_jit(x, spec, layout):
+def quantize_jit(x, spec, layout):
+  """Round-to-nearest of one leaf: along the spec's axis (`layout` None) or along a `WeightLayout`'s block."""
   return quantize(x, spec) if layout is None else layout.quantize(x, spec)
 
 
@@ -94,11 +95,11 @@ def rtn(params, calib=None, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where 
     if path not in chosen:
       return leaf
     bar.update()
-    return _quantize_jit(leaf, spec, chosen[path])
+    return quantize_jit(leaf, spec, chosen[path])
 
   out = jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QArray))
   bar.close()
   return out
 
 
-__all__ = ["rtn", "layouts", "DEFAULT_SPEC", "WeightLayout"]
+__all__ = ["rtn", "layouts", "quantize_jit", "DEFAULT_SPEC", "WeightLayout"]

@@ -10,7 +10,6 @@ L = prod(B), so one `lax.map` / `vmap` over L solves every layer, whatever the l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any
@@ -24,6 +23,7 @@ from lowbit_jax.layout import WeightLayout
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
 from lowbit_jax.passes.fold import fold_targets
 from lowbit_jax.passes.origin import SiteKind
+from lowbit_jax.rtn import quantize_jit
 from lowbit_jax.qarray import QArray, check_quantizable
 from lowbit_jax.spec import Format, QuantSpec
 
@@ -163,11 +163,6 @@ def _why_no_stats(t: Target) -> str:
   return "statistics not traceable"
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "spec"))
-def _layout_rtn(x, layout: WeightLayout, spec: QuantSpec) -> QArray:
-  return layout.quantize(x, spec)   # validated (errors named) before any call
-
-
 def rtn_fallback(targets: list[Target], spec: QuantSpec, op: str, *, warn: bool = True) -> dict:
   """{key path: QArray} round-to-nearest along each weight's contraction block, for weights without calibration
   statistics; one warning naming them (and why) when `warn`."""
@@ -177,7 +172,7 @@ def rtn_fallback(targets: list[Target], spec: QuantSpec, op: str, *, warn: bool 
     names = ", ".join(f"{t.where} ({_why_no_stats(t)})" for t in targets)
     warnings.warn(f"{op}: no calibration statistics for {names}; quantized round-to-nearest", RuntimeWarning,
                   stacklevel=3)
-  return {t.path: _layout_rtn(jnp.asarray(t.leaf), t.layout, spec) for t in targets}
+  return {t.path: quantize_jit(jnp.asarray(t.leaf), spec, t.layout) for t in targets}   # validated before
 
 
 def unflatten_q(q: QArray, t: Target) -> QArray:

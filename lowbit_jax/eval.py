@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,34 @@ from lowbit_jax.models.llama import KVCache, Llama, LlamaConfig, init_cache
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, tokens (batch, seq) int32) -> logits (batch, seq, vocab)
+
+
+class CachedApplyFn(Protocol):
+  """A model step on a KV cache: `Llama.__call__`'s contract (tokens in slots start_pos + [0, seq), rows
+  left-padded by left_pad, last_only: logits of the last slot only), as a function of the params.
+  `CachedApply(model=...)` is one; `lowbit_jax.quantized(...)` of one is another (the same step on QArray params).
+  """
+
+  def __call__(self, params: Params, tokens: jax.Array, *, cache: KVCache, start_pos: jax.Array,
+               left_pad: jax.Array, last_only: bool) -> tuple[jax.Array, KVCache]: ...
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CachedApply:
+  """`model.apply` with a KV cache, as a `CachedApplyFn`. Frozen and hashable: equal models give equal apply
+  functions, so `generate_greedy_batch` reuses its compilation across calls.
+
+      step = CachedApply(model=Llama(config))
+      generate_greedy_batch(config, params, prompts, max_new_tokens=32)                   # step is the default
+      qstep = lowbit_jax.quantized(step)                                                # keep this object: jit
+      generate_greedy_batch(config, qparams, prompts, max_new_tokens=32, apply_fn=qstep)  # caches by identity
+  """
+  model: Llama
+
+  def __call__(self, params: Params, tokens: jax.Array, *, cache: KVCache, start_pos: jax.Array,
+               left_pad: jax.Array, last_only: bool) -> tuple[jax.Array, KVCache]:
+    return self.model.apply({"params": params}, tokens, cache=cache, start_pos=start_pos, left_pad=left_pad,
+                            last_only=last_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +190,83 @@ def generate_greedy(model: Llama | LlamaConfig, params: Params, prompt_ids: Any,
     raise ValueError(f"prompt ({prompt.shape[0]}) + max_new_tokens ({max_new_tokens}) - 1 exceeds max_seq_len "
                      f"{config.max_seq_len}")
 
-  out = np.asarray(_greedy(model, params, jnp.asarray(prompt), max_new_tokens))
-  if stop_token is not None:
-    hits = np.flatnonzero(out == stop_token)
-    if hits.size:
-      out = out[:hits[0]]
-  return out
+  return _cut(np.asarray(_greedy(model, params, jnp.asarray(prompt), max_new_tokens)), stop_token)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _greedy_batch(apply_fn: CachedApplyFn, config: LlamaConfig, params: Params, tokens: jax.Array,
+                  left_pad: jax.Array, max_new_tokens: int) -> jax.Array:
+  """tokens: (B, P) int32, right-aligned prompts; left_pad: (B,) -> (B, max_new_tokens) int32 greedy tokens."""
+  batch, n_prompt = tokens.shape
+  n_pos = n_prompt + max_new_tokens - 1
+  cache = init_cache(config, batch, n_pos)
+  start = jnp.zeros((), jnp.int32)
+  logits, cache = apply_fn(params, tokens, cache=cache, start_pos=start, left_pad=left_pad, last_only=True)  # (B,1,V)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # (B,): every row's last prompt token is in slot P-1
+
+  def step(carry: tuple[jax.Array, KVCache], pos: jax.Array) -> tuple[tuple[jax.Array, KVCache], jax.Array]:
+    token, cache = carry  # (B,)
+    logits, cache = apply_fn(params, token[:, None], cache=cache, start_pos=pos, left_pad=left_pad, last_only=True)
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return (nxt, cache), nxt
+
+  slots = jnp.arange(n_prompt, n_pos, dtype=jnp.int32)  # where each fed-back token sits
+  _, rest = jax.lax.scan(step, (first, cache), slots)  # (max_new_tokens - 1, B)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate_greedy_batch(model: Llama | LlamaConfig, params: Params, prompts: Sequence[Any], *,
+                          max_new_tokens: int, stop_token: int | None = None,
+                          apply_fn: CachedApplyFn | None = None) -> list[np.ndarray]:
+  """`generate_greedy` for many prompts at once: row i of the result is what `generate_greedy` gives prompts[i].
+
+  The prompts (each 1-D ids, at least one) are right-aligned in P = max length slots (left-padded with id 0) and
+  run as one batch: one prefill of (B, P) tokens, then a `lax.scan` of max_new_tokens - 1 decode steps that feed
+  each row's argmax back at the next shared slot. `left_pad` gives every row its own positions (0 at its first
+  real token) and keeps its padding slots out of attention and the KV cache reads, so each row is computed as
+  if alone, up to float rounding. Compiled once per (apply_fn, config, B, P, max_new_tokens).
+
+  Args:
+    model: the architecture; its config sizes the KV cache.
+    params: whatever `apply_fn` takes: float params for the default `CachedApply(model=model)`, QArray params for
+      `lowbit_jax.quantized(CachedApply(model=model))` (reuse that object: jit caches the compilation by identity).
+    stop_token: as in `generate_greedy`, each row is cut just before its first occurrence.
+
+  Returns:
+    one (<= max_new_tokens,) int32 array of new ids per prompt, in order.
+  Raises:
+    ValueError: no prompts, an empty / non-1-D / non-integer prompt, max_new_tokens < 1, or more positions than
+      max_seq_len.
+  """
+  if isinstance(model, LlamaConfig):
+    model = Llama(model)
+  config = model.config
+  rows = [_as_token_stream(p) for p in prompts]
+  if not rows:
+    raise ValueError("generate_greedy_batch needs at least one prompt")
+  empty = [i for i, r in enumerate(rows) if r.shape[0] == 0]
+  if empty:
+    raise ValueError(f"prompts {empty} are empty; every prompt must hold at least one token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  n_prompt = max(r.shape[0] for r in rows)
+  if n_prompt + max_new_tokens - 1 > config.max_seq_len:
+    raise ValueError(f"longest prompt ({n_prompt}) + max_new_tokens ({max_new_tokens}) - 1 exceeds max_seq_len "
+                     f"{config.max_seq_len}")
+  left_pad = np.asarray([n_prompt - r.shape[0] for r in rows], np.int32)
+  tokens = np.zeros((len(rows), n_prompt), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, left_pad[i]:] = r
+  apply_fn = CachedApply(model=model) if apply_fn is None else apply_fn
+  out = np.asarray(_greedy_batch(apply_fn, config, params, jnp.asarray(tokens), jnp.asarray(left_pad),
+                                 max_new_tokens))
+  return [_cut(row, stop_token) for row in out]
+
+
+def _cut(out: np.ndarray, stop_token: int | None) -> np.ndarray:
+  """`out` up to (excluding) its first `stop_token`, or all of it."""
+  hits = np.flatnonzero(out == stop_token) if stop_token is not None else np.zeros(0, np.int64)
+  return out[:hits[0]] if hits.size else out
 
 
 def _check_pair(logits_p: Any, logits_q: Any) -> tuple[jax.Array, jax.Array]:

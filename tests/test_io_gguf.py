@@ -241,10 +241,31 @@ def test_tokenizer_metadata_missing(tmp_path, key, words):
   _assert_rejected(_write(tmp_path / "tok.gguf", _tiny_tensors(), meta), *words)
 
 
-def test_tokenizer_not_llama_style(tmp_path):
+def test_tokenizer_model_unsupported(tmp_path):
   meta = _tiny_metadata()
-  meta["tokenizer.ggml.model"] = "gpt2"
-  _assert_rejected(_write(tmp_path / "bpe.gguf", _tiny_tensors(), meta), "'gpt2'")
+  meta["tokenizer.ggml.model"] = "rwkv"
+  _assert_rejected(_write(tmp_path / "rwkv.gguf", _tiny_tensors(), meta), "tokenizer.ggml.model", "'rwkv'")
+
+
+@pytest.mark.parametrize("pre", [None, "llama-bpe"])
+def test_gpt2_tokenizer_pre_type_unsupported(tmp_path, pre):
+  """A gpt2 (byte-level BPE) vocabulary whose pre-tokenizer type is missing or not one we implement."""
+  meta = _tiny_metadata()
+  del meta["tokenizer.ggml.scores"]
+  meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["a b"]})
+  if pre is not None:
+    meta["tokenizer.ggml.pre"] = pre
+  _assert_rejected(_write(tmp_path / "bpe.gguf", _tiny_tensors(), meta), "tokenizer.ggml.pre", repr(pre), "'smollm'")
+
+
+def test_chat_template_kept_or_rejected(tmp_path):
+  meta = _tiny_metadata()
+  assert load_gguf(_write(tmp_path / "none.gguf", _tiny_tensors(), meta)).chat_template is None
+  meta["tokenizer.chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+  model = load_gguf(_write(tmp_path / "chat.gguf", _tiny_tensors(), meta))
+  assert model.chat_template.apply_chat_template([{"role": "user", "content": "ab"}]) == "<s>ab"
+  meta["tokenizer.chat_template"] = "{% for m in messages %}"
+  _assert_rejected(_write(tmp_path / "bad.gguf", _tiny_tensors(), meta), "tokenizer.chat_template", "Jinja")
 
 
 def test_tokenizer_without_byte_pieces(tmp_path):

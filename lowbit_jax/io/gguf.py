@@ -1,4 +1,4 @@
-"""Load a Llama GGUF file (llama.cpp's format) into our config, float32 Flax params and tokenizer.
+"""Load a Llama GGUF file (llama.cpp's format) into our config, float32 Flax params, tokenizer and chat template.
 
 GGUF facts this relies on:
   * A tensor's GGUF shape lists the fastest-varying dimension first (ggml's ne[0], ne[1], ...); `gguf.GGUFReader`
@@ -14,6 +14,9 @@ GGUF facts this relies on:
   * A tied classifier is sometimes written out anyway (llama.cpp's llama2.c converter does): an `output.weight`
     bit-identical to `token_embd.weight` is read as tied (`tie_embeddings=True`, no `output/kernel`), which keeps
     the model function unchanged and makes the GGUF and llama2.c files of one model load to the same params.
+  * The tokenizer follows `tokenizer.ggml.model`: "llama" is SentencePiece-style (`io/tokenizer.py`), "gpt2" is
+    byte-level BPE (`io/bpe.py`, which also checks `tokenizer.ggml.pre`); `tokenizer.chat_template`, when present,
+    becomes `LoadedModel.chat_template` (`io/chat.py`).
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jinja2
 import numpy as np
 
-from lowbit_jax.io.loaded import CheckpointError, LoadedModel, build_params, validate_config
+from lowbit_jax.io.bpe import BPETokenizer
+from lowbit_jax.io.chat import ChatTemplate
+from lowbit_jax.io.loaded import CheckpointError, LoadedModel, TextTokenizer, build_params, validate_config
 from lowbit_jax.io.tokenizer import Tokenizer
 from lowbit_jax.models.llama import LlamaConfig
 
@@ -57,7 +63,8 @@ def load_gguf(path: str | Path) -> LoadedModel:
   Raises:
     FileNotFoundError: when `path` does not exist.
     CheckpointError: naming `path` and the problem (wrong magic, truncated or corrupted file, architecture other
-      than llama, missing or mis-shaped tensor, unsupported tensor type, tokenizer missing or without scores).
+      than llama, missing or mis-shaped tensor, unsupported tensor type, tokenizer missing, of an unsupported
+      model or pre-tokenizer type, or invalid; chat template that does not parse).
   """
   path = Path(path)
   with path.open("rb") as f:
@@ -76,7 +83,8 @@ def load_gguf(path: str | Path) -> LoadedModel:
   arch = metadata.get("general.architecture")
   if arch != "llama":
     raise CheckpointError(path, f"architecture {arch!r} is not supported (only 'llama')")
-  tokenizer = Tokenizer.from_gguf_metadata(metadata, path=path)
+  tokenizer = _tokenizer(path, metadata)
+  chat_template = _chat_template(path, metadata, tokenizer)
   config = _config(path, metadata, tokenizer.vocab_size, tensors)
   validate_config(path, config)
 
@@ -95,7 +103,36 @@ def load_gguf(path: str | Path) -> LoadedModel:
   for name, (flax_path, transpose) in names.items():
     array = _dequantize(path, tensors[name])
     flat[flax_path] = array.T if transpose else array
-  return LoadedModel(config=config, params=build_params(path, config, flat), tokenizer=tokenizer)
+  return LoadedModel(config=config, params=build_params(path, config, flat), tokenizer=tokenizer,
+                     chat_template=chat_template)
+
+
+_TOKENIZERS = {"llama": Tokenizer, "gpt2": BPETokenizer}  # tokenizer.ggml.model -> its class
+
+
+def _tokenizer(path: Path, metadata: dict[str, Any]) -> TextTokenizer:
+  """The tokenizer class `tokenizer.ggml.model` names, built from the metadata."""
+  model = metadata.get("tokenizer.ggml.model")
+  if model is None:
+    raise CheckpointError(path, "no tokenizer in the metadata (tokenizer.ggml.model is missing)")
+  if model not in _TOKENIZERS:
+    raise CheckpointError(path, f"tokenizer.ggml.model {model!r} is not supported; supported: "
+                                "'llama' (SentencePiece-style BPE), 'gpt2' (byte-level BPE)")
+  return _TOKENIZERS[model].from_gguf_metadata(metadata, path=path)
+
+
+def _chat_template(path: Path, metadata: dict[str, Any], tokenizer: TextTokenizer) -> ChatTemplate | None:
+  """`tokenizer.chat_template`, compiled; None when the file has none."""
+  source = metadata.get("tokenizer.chat_template")
+  if source is None:
+    return None
+  if not isinstance(source, str):
+    raise CheckpointError(path, f"tokenizer.chat_template is a {type(source).__name__}, not a string")
+  tokens = metadata["tokenizer.ggml.tokens"]  # the tokenizer was built from them: bos_id / eos_id index them
+  try:
+    return ChatTemplate(source=source, bos_token=tokens[tokenizer.bos_id], eos_token=tokens[tokenizer.eos_id])
+  except jinja2.TemplateSyntaxError as e:
+    raise CheckpointError(path, f"tokenizer.chat_template does not parse as Jinja: {e}") from e
 
 
 def _config(path: Path, metadata: dict[str, Any], vocab_size: int, tensors: dict[str, Any]) -> LlamaConfig:

@@ -4,21 +4,40 @@ Invariants of a `LoadedModel` (checked by the loaders before they return, never 
   * `params` follows the layout of `lowbit_jax.models.llama` exactly: a nested dict of C-contiguous numpy float32
     arrays that own their memory (no views of a file buffer or of each other) and whose shapes match `config`;
     `output/kernel` is present iff `config.tie_embeddings` is False.
-  * `config.vocab_size == len(tokenizer.pieces)`.
+  * `config.vocab_size == tokenizer.vocab_size`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lowbit_jax.models.llama import LlamaConfig
 
 if TYPE_CHECKING:
-  from lowbit_jax.io.tokenizer import Tokenizer
+  from lowbit_jax.io.chat import ChatTemplate
 
 Params = dict[str, Any]
+
+
+class TextTokenizer(Protocol):
+  """What every tokenizer offers (`tokenizer.Tokenizer`, SentencePiece-style; `bpe.BPETokenizer`, GPT-2 byte-level
+  BPE), so that evaluation and experiments need not know which one a checkpoint has."""
+  bos_id: int
+  eos_id: int
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def add_bos(self) -> bool:
+    """Whether `encode(text)` puts BOS first when `bos` is not given (the checkpoint's convention)."""
+
+  def encode(self, text: str, *, bos: bool | None = None, eos: bool = False) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class CheckpointError(ValueError):
@@ -35,10 +54,12 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoadedModel:
-  """A Llama checkpoint read from disk: its config, its parameters (Flax layout, float32) and its tokenizer."""
+  """A Llama checkpoint read from disk: its config, its parameters (Flax layout, float32), its tokenizer and, when
+  the file has one, its chat template."""
   config: LlamaConfig
   params: Params = dataclasses.field(repr=False)
-  tokenizer: "Tokenizer"
+  tokenizer: TextTokenizer
+  chat_template: "ChatTemplate | None" = None
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

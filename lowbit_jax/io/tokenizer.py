@@ -10,8 +10,8 @@ encode(text) (llama2.c `encode`):
   3. repeatedly merge the adjacent pair whose concatenation is a piece with the highest score, the leftmost pair on
      ties, until no pair merges;
   4. put BOS in front / EOS at the end when asked (they never merge).
-Step 3 uses a priority queue keyed (-score, position), which picks the same pair as llama2.c's quadratic scan at
-every step, so the result is identical; ~400 KB of text encodes in under two seconds.
+Step 3 is `pair_merge.merge_pairs` with priority -score, a priority queue that picks the same pair as llama2.c's
+quadratic scan at every step, so the result is identical; ~400 KB of text encodes in under two seconds.
 
 decode(ids) (llama2.c `decode`): concatenates pieces ("▁" -> " "), drops one leading space of the piece right after
 BOS, turns byte-fallback pieces into raw bytes, and UTF-8-decodes the whole byte string (invalid sequences, which a
@@ -20,7 +20,6 @@ sampled model may emit, become U+FFFD). BOS, EOS and UNK produce no text.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lowbit_jax.io.loaded import CheckpointError
+from lowbit_jax.io.pair_merge import merge_pairs
 
 SPACE = "\u2581"
 _GGUF_TOKEN_TYPE_BYTE = 6  # llama.cpp's LLAMA_TOKEN_TYPE_BYTE
@@ -66,13 +66,14 @@ class Tokenizer:
     offset = ids.get("<0x00>")
     if offset is None or self.pieces[offset:offset + 256] != tuple(f"<0x{b:02X}>" for b in range(256)):
       raise ValueError("the byte-fallback pieces <0x00>..<0xFF> are missing or not at consecutive ids")
-    # Every way of writing a piece as the concatenation of two pieces: (left, right) -> (score, merged id).
+    # Every way of writing a piece as the concatenation of two pieces: (left, right) -> (-score, merged id), the
+    # priority `merge_pairs` merges lowest first (so the best score first).
     merges: dict[tuple[int, int], tuple[float, int]] = {}
     for merged, piece in enumerate(self.pieces):
       for cut in range(1, len(piece)):
         left, right = ids.get(piece[:cut]), ids.get(piece[cut:])
         if left is not None and right is not None:
-          merges[(left, right)] = (self.scores[merged], merged)
+          merges[(left, right)] = (-self.scores[merged], merged)
     object.__setattr__(self, "_ids", ids)
     object.__setattr__(self, "_merges", merges)
     object.__setattr__(self, "byte_offset", offset)
@@ -80,6 +81,11 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return len(self.pieces)
+
+  @property
+  def add_bos(self) -> bool:
+    """What `encode(text)` does without `bos=`: llama2.c always starts with BOS."""
+    return True
 
   # ---------------------------------------------------------------------------------------------- constructors
 
@@ -172,8 +178,10 @@ class Tokenizer:
 
   # ---------------------------------------------------------------------------------------------- encode/decode
 
-  def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-    """Token ids of `text`, exactly as llama2.c's `encode` (see the module docstring)."""
+  def encode(self, text: str, *, bos: bool | None = None, eos: bool = False) -> list[int]:
+    """Token ids of `text`, exactly as llama2.c's `encode` (see the module docstring); BOS first unless
+    `bos=False` (None: `add_bos`, i.e. True)."""
+    bos = self.add_bos if bos is None else bos
     ids: list[int] = []
     if text:
       lookup, offset = self._ids, self.byte_offset
@@ -184,44 +192,8 @@ class Tokenizer:
           ids.append(token)
         else:
           ids.extend(b + offset for b in char.encode("utf-8"))
-      ids = self._merge(ids)
+      ids = merge_pairs(ids, self._merges)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-  def _merge(self, ids: list[int]) -> list[int]:
-    """Greedy BPE: merge the best-scoring adjacent pair (leftmost on ties) until none merges.
-
-    Tokens live in a doubly linked list over their original positions; positions only ever increase left to
-    right, so the heap key (-score, left position) reproduces llama2.c's "highest score, first occurrence" choice.
-    A heap entry is stale once either of its tokens changed; it then no longer equals the current pair.
-    """
-    n = len(ids)
-    tokens = list(ids)  # tokens[i] == -1 once position i was merged into its left neighbour
-    prev = list(range(-1, n - 1))
-    next_ = list(range(1, n + 1))  # n: no right neighbour
-    merges = self._merges
-
-    def candidate(i: int) -> tuple[float, int, int, int, int] | None:
-      """The heap entry (-score, i, left token, right token, merged token) of the pair starting at i, if any."""
-      j = next_[i]
-      hit = merges.get((tokens[i], tokens[j])) if j < n else None
-      return None if hit is None else (-hit[0], i, tokens[i], tokens[j], hit[1])
-
-    heap = [entry for entry in map(candidate, range(n - 1)) if entry is not None]
-    heapq.heapify(heap)
-    while heap:
-      _, i, left, right, merged = heapq.heappop(heap)
-      j = next_[i]
-      if tokens[i] != left or j >= n or tokens[j] != right:
-        continue  # stale: a neighbour merged since this pair was pushed
-      tokens[i], tokens[j] = merged, -1
-      next_[i] = next_[j]
-      if next_[j] < n:
-        prev[next_[j]] = i
-      for k in (prev[i], i):  # the two pairs the merged token now belongs to
-        entry = candidate(k) if k >= 0 else None
-        if entry is not None:
-          heapq.heappush(heap, entry)
-    return [t for t in tokens if t >= 0]
 
   def decode(self, ids: Sequence[int]) -> str:
     """The text of `ids`, exactly as llama2.c's `decode` prints it (see the module docstring).

@@ -69,10 +69,11 @@ Params = Any  # a nested dict of arrays in the layout above
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, written at their absolute positions.
+  """Keys and values of every layer, written at their slots.
 
   k, v: (n_layers, batch, max_len, n_kv_heads, head_dim). Slot t holds the (RoPE-rotated) key / the value of the
-  token at position t; slots at or past the next write position hold garbage that the causal mask never reads.
+  token in slot t, whose position is t (t - left_pad[row] in left-padded rows, see `Llama`); slots at or past the
+  next write position, and padding slots, hold garbage that the mask never reads.
   """
   k: jax.Array
   v: jax.Array
@@ -99,13 +100,15 @@ class RMSNorm(nn.Module):
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding, interleaved-pair convention: dims (2i, 2i+1) rotate by positions * theta^(-2i/d).
 
-  x: (batch, seq, heads, head_dim); positions: (seq,) int. Angles and rotation in f32; returns x's dtype.
+  x: (batch, seq, heads, head_dim); positions: (seq,) int, or (batch, seq) for per-row positions. Angles and
+  rotation in f32; returns x's dtype.
   """
   b, s, h, d = x.shape
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # (d/2,)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (s, d/2)
-  cos = jnp.cos(angles)[None, :, None, :]  # (1, s, 1, d/2)
-  sin = jnp.sin(angles)[None, :, None, :]
+  rows = positions if positions.ndim == 2 else positions[None, :]  # (b or 1, s)
+  angles = rows.astype(jnp.float32)[..., None] * inv_freq  # (b or 1, s, d/2)
+  cos = jnp.cos(angles)[:, :, None, :]  # (b or 1, s, 1, d/2)
+  sin = jnp.sin(angles)[:, :, None, :]
   xp = x.astype(jnp.float32).reshape(b, s, h, d // 2, 2)  # (b, s, h, d/2, 2): the pairs (2i, 2i+1)
   x0, x1 = xp[..., 0], xp[..., 1]
   out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (b, s, h, d/2, 2)
@@ -122,21 +125,23 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, start_pos: jax.Array,
-               cache: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x: (b, s, dim), tokens at positions start_pos + [0, s). cache: this layer's (k, v), each
-    (b, max_len, n_kv_heads, head_dim), or None to attend within x only. Returns (out (b, s, dim), new cache)."""
+  def __call__(self, x: jax.Array, start_pos: jax.Array, cache: tuple[jax.Array, jax.Array] | None,
+               left_pad: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x: (b, s, dim), tokens in slots start_pos + [0, s). cache: this layer's (k, v), each
+    (b, max_len, n_kv_heads, head_dim), or None to attend within x only. left_pad: None, or (b,) int: row r's
+    slots below left_pad[r] are padding (see `Llama`). Returns (out (b, s, dim), new cache)."""
     c = self.config
     b, s, _ = x.shape
     hd, kvh = c.head_dim, c.n_kv_heads
     g = c.n_heads // kvh  # query heads per kv head
-    positions = start_pos + jnp.arange(s, dtype=jnp.int32)  # (s,)
+    slots = start_pos + jnp.arange(s, dtype=jnp.int32)  # (s,)
+    positions = slots if left_pad is None else slots[None, :] - left_pad[:, None]  # (s,) or (b, s)
     q = _dense(c.n_heads * hd, "wq", self.dtype)(x).reshape(b, s, c.n_heads, hd)
     k = _dense(kvh * hd, "wk", self.dtype)(x).reshape(b, s, kvh, hd)
     v = _dense(kvh * hd, "wv", self.dtype)(x).reshape(b, s, kvh, hd)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     if cache is None:
-      key_positions = positions  # (t=s,)
+      key_slots = slots  # (t=s,)
     else:
       ck, cv = cache
       zero = jnp.zeros((), jnp.int32)
@@ -144,10 +149,13 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)  # (b, max_len, kvh, hd)
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
       cache = (k, v)
-      key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)  # (t=max_len,)
+      key_slots = jnp.arange(k.shape[1], dtype=jnp.int32)  # (t=max_len,)
     q = q.reshape(b, s, kvh, g, hd)  # (b, s, kvh, g, hd): head h = kv_head * g + group
     scores = jnp.einsum("bskgd,btkd->bkgst", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(hd)
-    mask = key_positions[None, :] <= positions[:, None]  # (s, t) causal
+    mask = key_slots[None, :] <= slots[:, None]  # (s, t) causal
+    if left_pad is not None:  # (b, 1, 1, s, t): no padding slot is a key, except a padding query's own slot
+      real = key_slots[None, None, :] >= left_pad[:, None, None]  # (b, 1, t)
+      mask = ((mask[None] & real) | (key_slots[None, :] == slots[:, None])[None])[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)  # (b, kvh, g, s, t) f32
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32)).reshape(b, s, c.n_heads * hd)
@@ -173,11 +181,11 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None,
-               start_pos: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None, start_pos: jax.Array,
+               left_pad: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     c = self.config
     h, cache = Attention(c, self.dtype, name="attention")(
-        RMSNorm(c.norm_eps, name="attention_norm")(x), start_pos, cache)
+        RMSNorm(c.norm_eps, name="attention_norm")(x), start_pos, cache, left_pad)
     x = x + h
     x = x + FeedForward(c, self.dtype, name="feed_forward")(RMSNorm(c.norm_eps, name="ffn_norm")(x))
     return x, cache
@@ -197,14 +205,23 @@ class Llama(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None,
-               start_pos: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, KVCache]:
-    """tokens: (batch, seq) int, at positions start_pos + [0, seq).
+  def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None, start_pos: jax.Array | int = 0,
+               left_pad: jax.Array | None = None, last_only: bool = False) -> jax.Array | tuple[jax.Array, KVCache]:
+    """tokens: (batch, seq) int, in slots start_pos + [0, seq); a token's position (its RoPE angle) is its slot.
 
     Without a cache: returns logits (batch, seq, vocab) f32, attending causally within `tokens`.
-    With a cache (see `init_cache`): writes this chunk's keys/values at [start_pos, start_pos + seq), attends to
-    every earlier cached position, and returns (logits, new cache). The caller keeps start_pos + seq <= max_len:
+    With a cache (see `init_cache`): writes this chunk's keys/values at slots [start_pos, start_pos + seq), attends
+    to every earlier cached slot, and returns (logits, new cache). The caller keeps start_pos + seq <= max_len:
     start_pos may be traced, so it is not checked, and `dynamic_update_slice` would clamp the write.
+
+    left_pad (batch,) int, for a batch of sequences of different lengths, right-aligned (left-padded) in shared
+    slots: row r's first left_pad[r] slots hold padding. Its tokens sit at positions slot - left_pad[r] (so each row
+    is computed as if it were alone, from position 0), and no padding slot is ever attended to (a padding query
+    attends to itself only, to stay finite; its output is meaningless). Must be the same for every call that
+    fills one cache.
+
+    last_only: return the logits of the last slot only, (batch, 1, vocab): all a generation needs from its prefill,
+    without the (batch, seq, vocab) classifier product.
     """
     c = self.config
     if tokens.ndim != 2:
@@ -218,19 +235,23 @@ class Llama(nn.Module):
     embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=jnp.float32, name="tok_embeddings")
     x = embed(tokens)  # (b, s, dim)
     layer_cache = None if cache is None else (cache.k, cache.v)
+    if left_pad is not None:
+      left_pad = jnp.asarray(left_pad, jnp.int32)
+      if left_pad.shape != (tokens.shape[0],):
+        raise ValueError(f"left_pad must be (batch,) = ({tokens.shape[0]},), got shape {left_pad.shape}")
     if self.scan_layers:
       layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(0, nn.broadcast), length=c.n_layers)
-      x, layer_cache = layers(c, self.dtype, name="layers")(x, layer_cache, start_pos)
+                       in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers)
+      x, layer_cache = layers(c, self.dtype, name="layers")(x, layer_cache, start_pos, left_pad)
     else:
       new = []
       for i in range(c.n_layers):
         li = None if layer_cache is None else (layer_cache[0][i], layer_cache[1][i])
-        x, li = Block(c, self.dtype, name=f"layers_{i}")(x, li, start_pos)
+        x, li = Block(c, self.dtype, name=f"layers_{i}")(x, li, start_pos, left_pad)
         new.append(li)
       if layer_cache is not None:
         layer_cache = (jnp.stack([k for k, _ in new]), jnp.stack([v for _, v in new]))
-    x = RMSNorm(c.norm_eps, name="norm")(x)
+    x = RMSNorm(c.norm_eps, name="norm")(x[:, -1:] if last_only else x)
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:

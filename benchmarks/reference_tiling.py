@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import lowbit_jax as lb  # noqa: E402
 from lowbit_jax.kernels.qmatmul import reference  # noqa: E402
+from lowbit_jax.formats import FORMATS  # noqa: E402
 from lowbit_jax.qarray import QArray  # noqa: E402
 from passhelpers import max_float_buffer  # noqa: E402
 from kernels import median_ms  # noqa: E402  (benchmarks/kernels.py, this script's folder)
@@ -39,7 +40,7 @@ MIB = 2.0 ** 20
 def _untiled_reference(x, w: QArray):
   """The reference before tiling (for comparison only): unpacks every code of w to float32 on each call."""
   k_pad, n_groups = w.k_pad, w.n_groups
-  vals = w.code_values()                                                     # (K_pad, N) f32
+  vals = FORMATS[w.spec.format].decode(w.unpacked_codes(), w.zero, w.spec)   # (K_pad, N) f32 (int4 g128 sym)
   xp = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, k_pad - w.k)])   # (..., K_pad)
   xg = xp.reshape(x.shape[:-1] + (n_groups, k_pad // n_groups))              # (..., G, g)
   vg = vals.reshape(n_groups, k_pad // n_groups, -1)                         # (G, g, N)

@@ -1,6 +1,6 @@
 """Post-training quantization of stories260K: every method of the library on one table (GitHub issue 5, item 5).
 
-    python -m experiments.ptq_table            # capped evaluation (see CONFIG.max_windows), ~15 min on 2 cores
+    python -m experiments.ptq_table            # capped evaluation (see CONFIG.max_windows), ~10 min on 2 cores
     python -m experiments.ptq_table --full     # every window of both evaluation sets
 
 Writes experiments/results/ptq_table.md (table, config, acceptance checks) and ptq_table.png.
@@ -111,6 +111,7 @@ class Config:
   llm_int8_threshold: float
   rows: tuple[Row, ...]
   out_dir: Path
+  calib_segmentation: Segmentation = Segmentation.BOS_PER_BLOCK
 
 
 def _rows() -> tuple[Row, ...]:
@@ -133,7 +134,7 @@ CONFIG = Config(
                 True),
         EvalSet("WikiText-2 test", "wikitext2_raw/wiki.test.raw", Segmentation.ONE_DOCUMENT, False),
     ),
-    seq_len=512, batch_size=8, max_windows=128,
+    seq_len=512, batch_size=8, max_windows=64,
     smoothquant_alpha=0.5, llm_int8_threshold=6.0,
     rows=_rows(),
     out_dir=Path(__file__).resolve().parent / "results",
@@ -183,7 +184,7 @@ def token_stream(asset: str, segmentation: Segmentation, tokenizer) -> np.ndarra
 
 def calibration_batches(cfg: Config, tokenizer) -> list[jax.Array]:
   """`calib_windows` random windows of the training slice (see the module docstring), (calib_batch, len) each."""
-  stream = token_stream(cfg.calib_asset, Segmentation.BOS_PER_BLOCK, tokenizer)
+  stream = token_stream(cfg.calib_asset, cfg.calib_segmentation, tokenizer)
   starts = np.sort(np.random.default_rng(cfg.calib_seed).integers(0, stream.shape[0] - cfg.calib_len + 1,
                                                                     cfg.calib_windows))
   windows = np.stack([stream[s:s + cfg.calib_len] for s in starts])  # (calib_windows, calib_len)
@@ -404,13 +405,20 @@ def plot(cfg: Config, results: list[Result], path: Path) -> None:
       if pts:
         ax.scatter([r.bits_linear for r in pts], [r.ppl[i] for r in pts], marker=marker, s=45, alpha=0.8,
                    label=m.value)
+  finish_ppl_plot(fig, axes, cfg, "stories260K PTQ: perplexity vs bits per weight", path)
+
+
+def finish_ppl_plot(fig, axes, cfg: Config, title: str, path: Path) -> None:
+  """Axes, titles and legends of a perplexity-vs-bits figure (one panel per evaluation set); saves and closes it."""
+  import matplotlib.pyplot as plt
+  for ax, ds in zip(np.atleast_1d(axes), cfg.eval_sets):
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (linear weights, stored bytes)")
     ax.set_ylabel("perplexity")
     ax.set_title(ds.name)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-  fig.suptitle("stories260K PTQ: perplexity vs bits per weight")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -4,7 +4,9 @@ Invariant (every format, every granularity):
 
     q = quantize(x, spec)
     q.dequantize() ≈ x            within the bound documented in the format's module:
-                                  INT: half a step (scale / 2); ternary: scale / 2 below 1.5 * scale, clipping
+                                  INT: half a step (|scale| / 2; SIGNED_MAX: a step at the end opposite
+                                  the signed max; plus the clipped amount under `ClipSearch`); ternary:
+                                  scale / 2 below 1.5 * scale, clipping
                                   above; NF4: scale * MAX_GAP / 2 (+ clipping under double quantization);
                                   FP8: 2**-(mantissa_bits + 1) relative (normal range)
     q.shape == x.shape, q.dtype == x.dtype
@@ -17,7 +19,8 @@ number of scale granules along it (1 for per-channel / per-tensor):
             FP8 codes are float8 with `axis` of length K_pad
     scale : spec.scale_dtype, `axis` of length G, every other axis full (per-tensor: length 1 from `axis` on);
             under double quantization, itself a QArray (8-bit, groups of dq_group_size along its last axis)
-    zero  : uint8 like `scale` (asymmetric INT only), else None
+    zero  : like `scale`: the uint8 zero point of an asymmetric INT spec, or, under `ZeroPoint.FLOAT`, the float
+            offset m in scale_dtype (``x ≈ code * scale + m``, llama.cpp Q4_1); None for symmetric formats
     in_scale : optional float32 per-input-channel factor s (AWQ, SmoothQuant), length K at `axis`, the
             stack axes before it full, 1 after it: the stored codes quantize s ⊙ W, and
             ``dequantize() = (code - zero) * scale / s``, so ``x @ W == (x / s) @ (s ⊙ W)`` runs the kernel on
@@ -48,6 +51,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
+from lowbit_jax import formats
 from lowbit_jax.formats import FORMATS, PACKED, packing
 from lowbit_jax.spec import Format, PerGroup, PerTensor, QuantSpec
 
@@ -160,14 +164,11 @@ class QArray:
             f"bits={self.spec.bits}, granularity={self.spec.granularity}, nbytes={self.nbytes})")
 
   # --- numerics -------------------------------------------------------------------------------------------
-  def code_values(self):
-    """``code - zero`` (or the format's level) in float32, padded axis of length K_pad. Scale not applied."""
-    codes = self.codes
+  def unpacked_codes(self):
+    """The codes, one per entry (uint8, or float8 for FP8), padded axis of length K_pad."""
     if self.spec.format in PACKED and self.spec.bits < 8:
-      codes = packing.unpack(codes, self.spec.bits, self.axis)
-    grouped = _split_axis(codes, self.axis, self.n_groups)                      # (..., G, g, ...)
-    zero = None if self.zero is None else _expand(self.zero, self.axis)          # (..., G, 1, ...)
-    return FORMATS[self.spec.format].decode(grouped, zero, self.spec).reshape(codes.shape)
+      return packing.unpack(self.codes, self.spec.bits, self.axis)
+    return self.codes
 
   def scale_values(self):
     """The scales dequantization uses, float32, shape of `scale` (double quantization resolved)."""
@@ -176,10 +177,11 @@ class QArray:
 
   def dequantize(self):
     """The float array this QArray stands for, in its original dtype and shape (padding removed)."""
-    vals = self.code_values()                                                  # (..., K_pad, ...)
-    grouped = _split_axis(vals, self.axis, self.n_groups)                      # (..., G, g, ...)
-    out = grouped * _expand(self.scale_values(), self.axis)                    # scale (..., G, 1, ...)
-    out = out.reshape(vals.shape)                                              # (..., K_pad, ...)
+    codes = self.unpacked_codes()                                              # (..., K_pad, ...)
+    grouped = _split_axis(codes, self.axis, self.n_groups)                     # (..., G, g, ...)
+    zero = None if self.zero is None else _expand(self.zero, self.axis)         # (..., G, 1, ...)
+    out = formats.dequantize(grouped, _expand(self.scale_values(), self.axis), zero, self.spec)
+    out = out.reshape(codes.shape)                                             # (..., K_pad, ...)
     out = lax.slice_in_dim(out, 0, self.k, axis=out.ndim + self.axis)
     if self.in_scale is not None:
       out = out / self.in_scale.astype(jnp.float32)
@@ -274,6 +276,8 @@ def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:
   valid = valid.reshape(valid.shape + (1,) * (ndim - i - 1))
   red_axes = tuple(range(i, ndim + 1)) if isinstance(spec.granularity, PerTensor) else (i + 1,)
   scale, zero = fmt.compute_params(xg, valid, red_axes, spec)                    # (..., G, 1, ...)
+  if spec.float_offset:
+    zero = zero.astype(spec.scale_dtype)                                         # the stored offset m
   stored = jnp.squeeze(scale, i + 1).astype(spec.scale_dtype)                    # (..., G, ...)
   if spec.double_quant:
     stored = quantize(stored, dq_spec(spec))
@@ -288,7 +292,8 @@ def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:
 def from_codes(codes, scale, zero, *, spec: QuantSpec, k: int, dtype, in_scale=None) -> QArray:
   """Assemble a QArray from *unpacked* codes (`uint8`, or float8 for FP8; padded axis of length K_pad at the
   spec's negative axis), stored scales (or a nested QArray) and zero points. Algorithms that choose codes
-  themselves (GPTQ, AWQ) build their result with this; `dequantize` then gives ``(code - zero) * scale``."""
+  themselves (GPTQ, AWQ) build their result with this; `dequantize` then gives ``(code - zero) * scale`` (or
+  ``code * scale + zero`` for a float offset)."""
   if spec.format in PACKED and spec.bits < 8:
     codes = packing.pack(codes, spec.bits, spec.axis)
   return QArray(codes, scale, zero, spec=spec, k=k, dtype=dtype, in_scale=in_scale)

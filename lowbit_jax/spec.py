@@ -4,10 +4,14 @@ A spec says *what* is stored; `lowbit_jax.quantize` / `QArray` say *how*. Every 
 values are recovered as
 
     x ≈ decode(code) * scale                (symmetric formats)
-    x ≈ (code - zero) * scale               (asymmetric integer formats)
+    x ≈ (code - zero) * scale               (asymmetric integer formats, `ZeroPoint.INTEGER`)
+    x ≈ code * scale + offset               (asymmetric integer formats, `ZeroPoint.FLOAT`: llama.cpp Q4_1/Q4_K)
 
-with one `scale` (and `zero`) per *granule*. Granularity is always expressed through the **contraction axis**
-(the input axis of a matmul weight; `-2` for Flax's `(in, out)` kernels and for stacked `(layers, in, out)` ones):
+with one `scale` (and `zero` or `offset`) per *granule*. How a granule's scale is chosen: symmetric integer formats
+follow `SymGrid` (the full code range, Q4_0's signed-max rule, by default); any INT or NF4 spec may add
+`ClipSearch`, which shrinks the range per granule to the clipping ratio with the least reconstruction error.
+Granularity is always expressed through the **contraction axis** (the input axis of a matmul weight; `-2` for Flax's
+`(in, out)` kernels and for stacked `(layers, in, out)` ones):
 
 * `PerTensor(axis)`: one scale for the whole tensor (`axis` is only where codes are packed). Axes *before*
   the contraction axis index a stack of tensors (scanned layers, experts), and each gets its own scale, so a
@@ -40,6 +44,65 @@ class Format(enum.Enum):
   NF4 = "nf4"            # QLoRA's 16 NormalFloat levels, absmax scale per block
   FP8_E4M3 = "fp8_e4m3"  # jnp.float8_e4m3fn codes, max 448, saturating
   FP8_E5M2 = "fp8_e5m2"  # jnp.float8_e5m2 codes, max 57344, saturating
+
+
+class SymGrid(enum.Enum):
+  """How a symmetric integer format maps a granule's range onto its 2**b codes (implicit zero 2**(b-1)).
+
+  Measured on stories260K and SmolLM2-135M (experiments/results/grids_stories260k.md, grids_smollm2.md): SIGNED_MAX
+  gives the least output error of the three at 4, 3 and 2 bits on both models, and is the default
+  (`DEFAULT_SYM_GRID`); it is also llama.cpp Q4_0's grid, so int4 g32 float16 QArrays are Q4_0 blocks as they are.
+  """
+  FULL = "full"              # scale = absmax / (2**(b-1) - 1/2): all 2**b levels, +absmax clipped by half a step
+                             # (IST-DASLab GPTQ's `2*absmax / (2**b - 1)` with zero 2**(b-1); qwix's qmax + 0.5)
+  SIGNED_MAX = "signed_max"  # scale = m / -2**(b-1), m the signed value of largest magnitude: it lands exactly on the
+                             # extra level (llama.cpp Q4_0); the scale may be negative
+  RESTRICTED = "restricted"  # scale = absmax / (2**(b-1) - 1): 2**b - 1 levels, no clipping (llama.cpp Q8_0,
+                             # SmoothQuant's and bitsandbytes' int8)
+
+
+class ZeroPoint(enum.Enum):
+  """How an asymmetric integer format stores its offset."""
+  INTEGER = "integer"   # uint8 zero point z: x ≈ (code - z) * scale, range [min(x, 0), max(x, 0)] (GPTQ, AWQ)
+  FLOAT = "float"       # offset m in scale_dtype: x ≈ code * scale + m, range [min(x), max(x)] (llama.cpp Q4_1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipSearch:
+  """Per-granule search of the clipping ratio that minimises the reconstruction error (IST-DASLab GPTQ's
+  `quant.py` `mse=True` grid; the idea of llama.cpp's `make_qx_quants`): ratios 1, 1 - 1/steps, ... above
+  1 - max_shrink, each shrinking the granule's range; the ratio with the least ``sum |x - deq(x)|**norm`` wins.
+
+  Attributes:
+    steps: ratio resolution (the reference's `grid`, 100).
+    max_shrink: the largest fraction the range may shrink by (the reference's `maxshrink`, 0.8).
+    norm: the error exponent (the reference's 2.4: between MSE and max-error).
+  """
+  steps: int = 100
+  max_shrink: float = 0.8
+  norm: float = 2.4
+
+  def __post_init__(self):
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"ClipSearch.steps must be an int >= 1, got {self.steps!r}")
+    for name in ("max_shrink", "norm"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise ValueError(f"ClipSearch.{name} must be a finite float, got {v!r}")
+      object.__setattr__(self, name, float(v))
+    if not 0.0 <= self.max_shrink < 1.0:
+      raise ValueError(f"ClipSearch.max_shrink must lie in [0, 1), got {self.max_shrink!r}")
+    if self.norm <= 0:
+      raise ValueError(f"ClipSearch.norm must be > 0, got {self.norm!r}")
+
+  @property
+  def ratios(self) -> np.ndarray:
+    """The candidate clipping ratios, float32, starting at 1 (no clipping)."""
+    n = max(int(self.max_shrink * self.steps), 1)     # quant.py: range(int(maxshrink * grid))
+    return (1.0 - np.arange(n, dtype=np.float64) / self.steps).astype(np.float32)
+
+
+DEFAULT_SYM_GRID = SymGrid.SIGNED_MAX   # chosen by measurement, see SymGrid
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +181,9 @@ class QuantSpec:
     activations: `ActQuant` to quantize the activations of every matmul with this weight too (W8A8,
       LLM.int8()); needs 8-bit INT weights, or FP8 weights (FP8 activations; no outlier threshold). None:
       weight-only.
+    grid: `SymGrid` of a symmetric INT spec (None: `DEFAULT_SYM_GRID`); must stay None otherwise.
+    zero_point: `ZeroPoint` of an asymmetric INT spec (None: `ZeroPoint.INTEGER`); must stay None otherwise.
+    clip: `ClipSearch` to pick each granule's range by reconstruction error (INT and NF4); None: the full range.
   """
   format: Format
   bits: int | None = None
@@ -128,6 +194,9 @@ class QuantSpec:
   double_quant: bool = False
   dq_group_size: int = 256
   activations: ActQuant | None = None
+  grid: SymGrid | None = None
+  zero_point: ZeroPoint | None = None
+  clip: ClipSearch | None = None
 
   def __post_init__(self):
     if not isinstance(self.format, Format):
@@ -159,6 +228,31 @@ class QuantSpec:
     if not isinstance(self.dq_group_size, int) or self.dq_group_size < 1:
       raise ValueError(f"QuantSpec.dq_group_size must be a positive int, got {self.dq_group_size!r}")
     self._check_activations()
+    self._check_grid()
+
+  def _check_grid(self) -> None:
+    sym_int = self.format is Format.INT and self.symmetric
+    if self.grid is not None and (not isinstance(self.grid, SymGrid) or not sym_int):
+      raise ValueError(f"QuantSpec.grid: expected None or a lowbit_jax.SymGrid on a symmetric Format.INT spec, got "
+                       f"grid={self.grid!r} with format={self.format}, symmetric={self.symmetric}")
+    if sym_int and self.grid is None:
+      object.__setattr__(self, "grid", DEFAULT_SYM_GRID)
+    asym_int = self.format is Format.INT and not self.symmetric
+    if self.zero_point is not None and (not isinstance(self.zero_point, ZeroPoint) or not asym_int):
+      raise ValueError(f"QuantSpec.zero_point: expected None or a lowbit_jax.ZeroPoint on an asymmetric Format.INT "
+                       f"spec, got zero_point={self.zero_point!r} with format={self.format}, "
+                       f"symmetric={self.symmetric}")
+    if asym_int and self.zero_point is None:
+      object.__setattr__(self, "zero_point", ZeroPoint.INTEGER)
+    if self.clip is not None and (not isinstance(self.clip, ClipSearch)
+                                  or self.format not in (Format.INT, Format.NF4)):
+      raise ValueError(f"QuantSpec.clip: expected None or a lowbit_jax.ClipSearch on a Format.INT or Format.NF4 "
+                       f"spec, got clip={self.clip!r} with format={self.format}")
+
+  @property
+  def float_offset(self) -> bool:
+    """True when the stored `zero` is a float offset m (``x ≈ code * scale + m``), not an integer zero point."""
+    return self.zero_point is ZeroPoint.FLOAT
 
   def _check_activations(self) -> None:
     act = self.activations
@@ -170,6 +264,9 @@ class QuantSpec:
     if not (fp8 or (self.format is Format.INT and self.bits == 8)):
       raise ValueError(f"QuantSpec.activations: 8-bit activations need 8-bit INT or FP8 weights (W8A8), got "
                        f"{self.format} with bits={self.bits}")
+    if self.zero_point is ZeroPoint.FLOAT:
+      raise ValueError("QuantSpec.activations: 8-bit activations need integer (or implicit) zero points; a float "
+                       "offset (ZeroPoint.FLOAT) has no integer matmul")
     if fp8 and act.outlier_threshold is not None:
       raise ValueError(f"QuantSpec.activations: LLM.int8()'s outlier_threshold needs 8-bit INT weights, got "
                        f"{self.format}")
@@ -192,16 +289,26 @@ class QuantSpec:
 # --- Presets: the formats of the literature, with the papers' defaults. Each returns a plain QuantSpec. ---
 
 def int_spec(bits: int, *, group_size: int | None = None, symmetric: bool = True, axis: int = -2,
-             scale_dtype=jnp.float32, strict: bool = False) -> QuantSpec:
+             scale_dtype=jnp.float32, strict: bool = False, grid: SymGrid | None = None,
+             zero_point: ZeroPoint | None = None, clip: ClipSearch | None = None) -> QuantSpec:
   """Uniform integer codes; per-channel when `group_size` is None, else per-group."""
   gran = PerChannel(axis=axis) if group_size is None else PerGroup(size=group_size, axis=axis)
   return QuantSpec(format=Format.INT, bits=bits, granularity=gran, symmetric=symmetric,
-                   scale_dtype=scale_dtype, strict=strict)
+                   scale_dtype=scale_dtype, strict=strict, grid=grid, zero_point=zero_point, clip=clip)
 
 
-def nf4_spec(*, block_size: int = 64, double_quant: bool = True, axis: int = -2) -> QuantSpec:
+def q4_1_spec(*, group_size: int = 32, axis: int = -2) -> QuantSpec:
+  """llama.cpp's Q4_1 layout: 4-bit codes, groups of 32, fp16 scale d and fp16 offset m, x ≈ d*q + m
+  (5.0 bits per weight at g32)."""
+  return int_spec(4, group_size=group_size, symmetric=False, zero_point=ZeroPoint.FLOAT, axis=axis,
+                  scale_dtype=jnp.float16)
+
+
+def nf4_spec(*, block_size: int = 64, double_quant: bool = True, axis: int = -2,
+             clip: ClipSearch | None = None) -> QuantSpec:
   """QLoRA's NF4: blocks of 64 with absmax scales, double-quantized to 8 bits in blocks of 256."""
-  return QuantSpec(format=Format.NF4, granularity=PerGroup(size=block_size, axis=axis), double_quant=double_quant)
+  return QuantSpec(format=Format.NF4, granularity=PerGroup(size=block_size, axis=axis), double_quant=double_quant,
+                   clip=clip)
 
 
 def fp8_spec(fmt: Format = Format.FP8_E4M3, *, per_channel: bool = False, axis: int = -2) -> QuantSpec:

@@ -19,6 +19,15 @@ REGISTRY = {
     "int3_g64": lb.int_spec(3, group_size=64),
     "int3_channel_asym": lb.int_spec(3, symmetric=False),
     "int2_g32_asym": lb.int_spec(2, group_size=32, symmetric=False),
+    "int4_g32_signed_max_f16": lb.int_spec(4, group_size=32, grid=lb.SymGrid.SIGNED_MAX, scale_dtype=jnp.float16),
+    "int8_channel_restricted": lb.int_spec(8, grid=lb.SymGrid.RESTRICTED),
+    "int4_g32_q4_1": lb.q4_1_spec(),
+    "int3_g64_clip": lb.int_spec(3, group_size=64, clip=lb.ClipSearch()),
+    "int2_g64_asym_clip_bf16": lb.int_spec(2, group_size=64, symmetric=False, clip=lb.ClipSearch(steps=20),
+                                           scale_dtype=jnp.bfloat16),
+    "int4_channel_float_offset_clip": lb.int_spec(4, symmetric=False, zero_point=lb.ZeroPoint.FLOAT,
+                                                  clip=lb.ClipSearch(steps=10, max_shrink=0.5)),
+    "nf4_clip": lb.nf4_spec(double_quant=False, clip=lb.ClipSearch(steps=20)),
     "ternary_tensor": lb.ternary_spec(),
     "ternary_channel": lb.ternary_spec(per_channel=True),
     "nf4_dq": lb.nf4_spec(),
@@ -57,7 +66,7 @@ def expected_nbytes(shape, spec) -> int:
   else:
     n_scales = other * groups
   scales = n_scales * np.dtype(spec.scale_dtype).itemsize
-  zeros = 0 if spec.symmetric else n_scales
+  zeros = 0 if spec.symmetric else n_scales * (np.dtype(spec.scale_dtype).itemsize if spec.float_offset else 1)
   if spec.double_quant:
     # 8-bit codes of the (..., G, N) scales grouped along N in blocks of dq_group_size, one f32 scale and one
     # uint8 zero per block.
@@ -69,7 +78,12 @@ def expected_nbytes(shape, spec) -> int:
 
 def per_element_scale(q: lb.QArray):
   """The stored scale broadcast to the logical shape of q (numpy float64)."""
-  s = np.asarray(q.scale_values(), np.float64)
+  return per_element(q, q.scale_values())
+
+
+def per_element(q: lb.QArray, a):
+  """A per-granule array of q (scale-shaped: scales, zero points, offsets) broadcast to q's logical shape."""
+  s = np.asarray(a, np.float64)
   s = np.repeat(s, q.group_len, axis=q.ndim + q.axis) if s.shape[q.axis] > 1 else s
   s = np.take(s, np.arange(min(q.k, s.shape[q.axis])), axis=q.ndim + q.axis) if s.shape[q.axis] > 1 else s
   return np.broadcast_to(s, q.shape)
@@ -83,7 +97,20 @@ def error_bound(x, q: lb.QArray):
   fmt = q.spec.format
   slack = 1e-6 * ax + 1e-30
   if fmt is Format.INT:
-    bound = s / 2
+    # half a step inside the granule's levels, plus the distance to them outside (the FULL grid's positive end,
+    # SIGNED_MAX's opposite end, a clipped range), written from the invariant of formats/integer.py
+    spec, top = q.spec, 2 ** q.spec.bits - 1
+    if spec.symmetric:
+      ends = [(c - 2 ** (spec.bits - 1)) * s for c in (0, top)]
+    elif spec.float_offset:
+      m = per_element(q, q.zero)
+      ends = [c * s + m for c in (0, top)]
+    else:
+      z = per_element(q, q.zero)
+      ends = [(c - z) * s for c in (0, top)]
+    lo, hi = np.minimum(*ends), np.maximum(*ends)
+    s = np.abs(s)
+    bound = s / 2 + np.maximum(np.maximum(lo - x, x - hi), 0)
     if q.spec.scale_dtype != np.dtype(jnp.float32):   # a rounded scale can clip the top of the range
       bound = bound + (2 ** (q.spec.bits - 1)) * s * 2.0 ** -jnp.finfo(q.spec.scale_dtype).nmant
     return bound * (1 + 1e-5) + slack

@@ -45,10 +45,35 @@ def test_gptq_beats_rtn_and_matches_numpy_reference(bits, group_size, sym, act_o
   assert err_gptq < 0.85 * err_rtn, (err_gptq, err_rtn)
   ref = gptq_numpy.gptq_numpy(w, h, bits=bits, group_size=group_size, sym=sym, blocksize=64,
                               act_order=act_order, static_groups=static_groups)
-  # float32 vs float64 can flip a rounding tie now and then; the layers must agree almost everywhere
+  _assert_matches(deq, ref, x, w, err_gptq)
+
+
+def _assert_matches(deq, ref, x, w, err_gptq):
+  # float32 vs float64 can flip a rounding tie: on the FULL grid -absmax / scale is exactly -(2**(b-1) - 1/2) in
+  # real arithmetic, so each granule's extreme is a tie; the layers must agree almost everywhere
   agree = np.mean(np.isclose(deq, ref, rtol=1e-3, atol=1e-6))
-  assert agree > 0.99, agree
+  assert agree > 0.97, agree
   np.testing.assert_allclose(np.linalg.norm(x @ w - x @ ref), err_gptq, rtol=0.02)
+
+
+GRID_CONFIGS = [  # (bits, group_size, spec kwargs, numpy port kwargs)
+    (4, None, dict(grid=lb.SymGrid.SIGNED_MAX), dict(grid=lb.SymGrid.SIGNED_MAX)),
+    (3, 64, dict(grid=lb.SymGrid.RESTRICTED), dict(grid=lb.SymGrid.RESTRICTED)),
+    (4, 32, dict(symmetric=False, zero_point=lb.ZeroPoint.FLOAT), dict(sym=False, float_offset=True)),
+    (3, 64, dict(clip=lb.ClipSearch()), dict(mse=True)),
+    (4, None, dict(symmetric=False, clip=lb.ClipSearch()), dict(sym=False, mse=True)),
+]
+
+
+@pytest.mark.parametrize("bits, group_size, spec_kw, ref_kw", GRID_CONFIGS)
+def test_grids_float_offsets_and_clip_search_match_numpy_reference(bits, group_size, spec_kw, ref_kw):
+  x, w, h = _layer(seed=11)
+  spec = lb.int_spec(bits, group_size=group_size, **spec_kw)
+  deq = np.asarray(gptq_core(w, h, spec, blocksize=64).q.dequantize())
+  err_gptq = np.linalg.norm(x @ w - x @ deq)
+  assert err_gptq < 0.85 * np.linalg.norm(x @ w - x @ np.asarray(lb.quantize(w, spec).dequantize()))
+  ref = gptq_numpy.gptq_numpy(w, h, bits=bits, group_size=group_size, blocksize=64, **{"sym": True, **ref_kw})
+  _assert_matches(deq, ref, x, w, err_gptq)
 
 
 def test_act_order_unpermutes_exactly():

@@ -17,9 +17,10 @@ Pre-trained Transformers", ICLR 2023 (Algorithm 1). Reference implementation: IS
     `static_groups`, once up front on the original weights (which is what makes act-order + groups storable);
   * per-channel (no groups): parameters found once on the original weights.
 
-The quantization grid is the spec's (`lowbit_jax.formats.integer`): for symmetric specs the scale is
-absmax / (2**(bits-1) - 1) around an implicit zero, where the reference uses 2*absmax / (2**bits - 1); both are
-round-to-nearest grids and GPTQ is agnostic to the choice. Loops are `lax.fori_loop`s inside one `jit`: the trace
+The quantization grid is the spec's (`lowbit_jax.formats.integer`): `SymGrid.FULL` is the reference's symmetric
+grid (2*absmax / (2**bits - 1), zero 2**(b-1)); the default SIGNED_MAX, RESTRICTED, float offsets and the
+`ClipSearch` of the reference's `mse=True` are found by the same `compute_params` RTN uses, at group starts only
+(`lax.cond`). Loops are `lax.fori_loop`s inside one `jit`: the trace
 has one column step, whatever K is. `gptq_solve` is the whole algorithm as one traceable function (dampening
 retries included, as a `lax.while_loop`), so a stack of layers is one `lax.map` / `vmap` of it; `gptq_core` wraps
 it for one weight with host-side validation, warnings and errors.
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit_jax import formats
 from lowbit_jax.formats import integer
 from lowbit_jax.qarray import QArray, check_quantizable, from_codes, quantize
 from lowbit_jax.spec import Format, QuantSpec
@@ -55,7 +57,8 @@ def _round_scale(scale, spec):
 
 
 def _params(cols, spec):
-  """Quantizer parameters of a (N, g) slice of W (rows = outputs): scale (N,), zero (N,) or None."""
+  """Quantizer parameters of a (N, g) slice of W (rows = outputs): scale (N,), zero (N,) or None (a float offset
+  as float32)."""
   scale, zero = integer.compute_params(cols, None, (1,), spec)
   return _round_scale(scale[:, 0], spec), None if zero is None else zero[:, 0]
 
@@ -75,9 +78,8 @@ def _gptq_loop(Wt, Hinv, perm, S0, Z0, *, spec: QuantSpec, blocksize: int, dynam
     p = i1 + i                                      # position in processing order
     if dynamic_groups:
       start = (p % g) == 0
-      new_s, new_z = _params(lax.dynamic_slice(W_outer, (0, p), (n, g)), spec)
-      cur_s = jnp.where(start, new_s, cur_s)
-      cur_z = jnp.where(start, new_z, cur_z) if asym else None
+      cur_s, cur_z = lax.cond(start, lambda: _params(lax.dynamic_slice(W_outer, (0, p), (n, g)), spec),
+                              lambda: (cur_s, cur_z))
       store = start & (p // g < n_groups)             # block padding past K_pad has no stored group
       grow = jnp.minimum(p // g, n_groups - 1)
       S = jnp.where(store, S.at[grow].set(cur_s), S)
@@ -88,7 +90,7 @@ def _gptq_loop(Wt, Hinv, perm, S0, Z0, *, spec: QuantSpec, blocksize: int, dynam
     w = W1[:, i]                                    # (N,)
     d = Hinv1[i, i]
     code = integer.encode(w, cur_s, cur_z, spec)
-    q = integer.decode(code, cur_z, spec) * cur_s
+    q = formats.dequantize(code, cur_s, cur_z, spec)
     err = (w - q) / d
     W1 = W1 - err[:, None] * Hinv1[i][None, :]      # Hinv1 is upper triangular: only columns >= i change
     codes = lax.dynamic_update_slice(codes, code[:, None], (0, p))
@@ -159,7 +161,7 @@ def gptq_solve(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool,
   rtn = quantize(Wt.T, spec)                                       # static / per-channel parameters
   k_pad = rtn.k_pad
   S0 = rtn.scale.astype(jnp.float32)                               # (G, N) or (1, N)
-  Z0 = rtn.zero
+  Z0 = rtn.zero if rtn.zero is None or not spec.float_offset else rtn.zero.astype(jnp.float32)
   perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(k)
   Wt, H = Wt[:, perm], H[perm][:, perm]
   Hinv, tries, ok = _damped_inverse(H, fracs)
@@ -173,6 +175,8 @@ def gptq_solve(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool,
                                  blocksize=blocksize, dynamic_groups=dynamic)
   codes = codes[:, jnp.argsort(perm_full)][:, :k_pad].T           # (K_pad, N), original column order
   scale = S.astype(spec.scale_dtype)
+  if Z is not None and spec.float_offset:
+    Z = Z.astype(spec.scale_dtype)
   q = from_codes(codes, scale, Z, spec=rtn.spec, k=k, dtype=W.dtype)
   return q, loss, tries, ok
 

@@ -37,11 +37,12 @@ from lowbit_jax.algorithms import common
 from lowbit_jax.kernels.w8a8.llm_int8 import DEFAULT_THRESHOLD
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.qarray import QArray, check_quantizable, quantize
-from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec
+from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec, SymGrid
 
 
 def llm_int8_spec(*, threshold: float = DEFAULT_THRESHOLD) -> QuantSpec:
-  """int8, symmetric, one absmax scale per output channel, with the LLM.int8() activation path at `threshold`.
+  """int8, symmetric, one absmax / 127 scale per output channel (bitsandbytes' row-wise grid, `SymGrid.RESTRICTED`),
+  with the LLM.int8() activation path at `threshold`.
 
   Raises:
     ValueError: for a threshold that is not a finite float >= 0.
@@ -52,7 +53,8 @@ def llm_int8_spec(*, threshold: float = DEFAULT_THRESHOLD) -> QuantSpec:
     act = ActQuant(outlier_threshold=threshold)
   except ValueError as e:
     raise ValueError(f"llm_int8_spec: threshold: {e}") from None
-  return QuantSpec(format=Format.INT, bits=8, granularity=PerChannel(axis=-2), activations=act)
+  return QuantSpec(format=Format.INT, bits=8, granularity=PerChannel(axis=-2), grid=SymGrid.RESTRICTED,
+                   activations=act)
 
 
 LLM_INT8_SPEC = llm_int8_spec()

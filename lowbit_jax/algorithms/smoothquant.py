@@ -50,11 +50,13 @@ from lowbit_jax.algorithms.common import Target, replace_leaves
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.passes.fold import fold_scales, group_target
 from lowbit_jax.qarray import QArray, with_in_scale
-from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec
+from lowbit_jax.spec import ActQuant, Format, PerChannel, QuantSpec, SymGrid
 
 CLAMP = 1e-5   # smooth.py's clamp(min=1e-5) of the weight scales and of s
-# int8, symmetric, one absmax scale per output channel, per-token dynamic int8 activations (the paper's W8A8).
-W8A8_SPEC = QuantSpec(format=Format.INT, bits=8, granularity=PerChannel(axis=-2), activations=ActQuant(per_token=True))
+# int8, symmetric, one absmax / 127 scale per output channel (the paper's and its int8 GEMMs' RESTRICTED grid),
+# per-token dynamic int8 activations (the paper's W8A8).
+W8A8_SPEC = QuantSpec(format=Format.INT, bits=8, granularity=PerChannel(axis=-2), grid=SymGrid.RESTRICTED,
+                      activations=ActQuant(per_token=True))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

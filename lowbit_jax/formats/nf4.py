@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax.formats import clip
+
 LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -26,9 +28,17 @@ MAX_GAP = float(np.max(np.diff(LEVELS)))
 
 
 def compute_params(xg, valid, red_axes, spec):
-  del valid, spec  # padding is 0: it never raises an absmax
+  """absmax per block (padding is 0: it never raises an absmax); with `spec.clip`, the clipped absmax of least
+  error (`formats/clip.py`)."""
   absmax = jnp.max(jnp.abs(xg), axis=red_axes, keepdims=True)
-  return jnp.where(absmax > 0, absmax, np.float32(1.0)), None
+
+  def params_at(ratio):
+    s = absmax * ratio
+    return jnp.where(s > 0, s, np.float32(1.0)), None
+
+  if spec.clip is None:
+    return params_at(np.float32(1.0))
+  return clip.search(xg, valid, red_axes, spec, params_at, encode)
 
 
 def encode(xg, scale, zero, spec):

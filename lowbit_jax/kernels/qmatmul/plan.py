@@ -4,10 +4,11 @@
 turns (x, w) into the kernel's arrays. Both Pallas families (`pallas_gpu.py`, `pallas_tpu.py`) share it, so
 their fallback reasons agree.
 
-Kernel coverage: INT with 8/4/2-bit codes (symmetric or zero points; per-channel, per-tensor or per-group), ternary
-(2-bit), NF4 (4-bit, double-quantized scales resolved outside the kernel) and FP8 weights (E4M3/E5M2 codes, no
-packing). 3-bit INT is stored as two bit planes of different chunk counts, so a K tile of one plane does not line up
-with a K tile of the other: it stays on the reference. Activations: float32 / bfloat16 (and float16 on the GPU).
+Kernel coverage: INT with 8/4/2-bit codes (symmetric, zero points or float offsets; per-channel, per-tensor or
+per-group), ternary (2-bit), NF4 (4-bit, double-quantized scales resolved outside the kernel) and FP8 weights
+(E4M3/E5M2 codes, no packing). 3-bit INT is stored as two bit planes of different chunk counts, so a K tile of one
+plane does not line up with a K tile of the other: it stays on the reference. Activations: float32 / bfloat16 (and
+float16 on the GPU).
 """
 from __future__ import annotations
 
@@ -83,9 +84,13 @@ def make_plan(platform: Platform, x_shape, x_dtype, w: QArray, blocks: blk.Block
 
 
 def operands(x, w: QArray, plan: Plan):
-  """(x (M_pad, K_pad) in x.dtype, codes, scale f32 (G, N), zero f32 (G, N) or None)."""
+  """(x (M_pad, K_pad) in x.dtype, codes, scale f32 (G, N), zero f32 (G, N) or None). Kernels compute
+  ``(code - zero) * scale``; a float offset m (``code * scale + m``) enters as the float zero ``-m / scale``
+  (scales are never 0, see formats/integer.py), equal to the reference's decode up to float rounding."""
   x2 = pad_to(x.reshape(plan.m, x.shape[-1]), (plan.m_pad, plan.k_pad))
   g = w.n_groups
   scale = jnp.broadcast_to(w.scale_values(), (g, plan.n))
   zero = None if w.zero is None else jnp.broadcast_to(w.zero.astype(jnp.float32), (g, plan.n))
+  if zero is not None and w.spec.float_offset:
+    zero = -zero / scale
   return x2, w.codes, scale, zero

@@ -1,18 +1,19 @@
 """The spec of `qmatmul`: ``x @ W`` with W a 2-D QArray, dequantized tile by tile, f32 accumulation.
 
     out[..., n] = sum_g  scale[g, n] * sum_{k in group g} x[..., k] * (code[k, n] - zero[g, n])
+               (float offsets: sum_g sum_{k in g} x[..., k] * (code[k, n] * scale[g, n] + offset[g, n]))
 
 The result equals ``x @ w.dequantize()`` up to float rounding and is cast back to ``x.dtype``. Padding of the
 contraction axis meets zero-padded activations, so it contributes nothing. Pallas kernels must match this function.
 
 Evaluation never holds a float copy of the whole weight: a loop over K-tiles (`for_each_tile`) reads the packed
-bytes of one tile, decodes them (format decode with the zero point, times the per-group scale) into a float
-(rows, N) tile, and accumulates ``x[..., tile rows] @ tile`` in float32. Tiles follow the split-chunk packing
-(formats/packing.py): with `p` codes per byte of the finest plane, the padded axis is `p` chunks of
-``C = K_pad / p`` code rows; one step reads the byte rows ``m * C + r0 + [0, rows)`` of every plane (``m`` below
-p / that plane's codes per byte: 3-bit reads two row ranges of its 2-bit plane, one of its 1-bit plane) and gets
-the code rows ``c * C + r0 + [0, rows)`` of each chunk `c`, decoded as one float tile per chunk. Tiles are group-aligned (whole groups, or
-a part of one group) and hold at most ``max(group length, K_pad / 8)`` rows (``max(K_pad / 8, 128)`` with one
+bytes of one tile, decodes them (`lowbit_jax.formats.dequantize`: zero point, scale, offset) into a float (rows, N)
+tile, and accumulates ``x[..., tile rows] @ tile`` in float32. Tiles follow the split-chunk packing
+(formats/packing.py): with `p` codes per byte of the finest plane, the padded axis is `p` chunks of ``C = K_pad /
+p`` code rows; one step reads the byte rows ``m * C + r0 + [0, rows)`` of every plane (``m`` below p / that plane's
+codes per byte: 3-bit reads two row ranges of its 2-bit plane, one of its 1-bit plane) and gets the code rows ``c *
+C + r0 + [0, rows)`` of each chunk `c`, decoded as one float tile per chunk. Tiles are group-aligned (whole groups,
+or a part of one group) and hold at most ``max(group length, K_pad / 8)`` rows (``max(K_pad / 8, 128)`` with one
 scale row along K), so a big K makes at least 8 tiles. `w8a8/reference.py` reuses the loop.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowbit_jax.formats import FORMATS, PACKED, packing
+from lowbit_jax.formats import PACKED, dequantize, packing
 from lowbit_jax.qarray import QArray
 
 _MIN_ROWS = 128   # per-channel / per-tensor tiles need not be smaller than this (small K: one tile)
@@ -76,9 +77,10 @@ def plan(w: QArray) -> TilePlan:
 
 
 def decode_tile(w: QArray, p: TilePlan, chunk, r0, scale):
-  """Code rows ``chunk * C + r0 + [0, rows)`` of w: ``(code - zero)`` (or the format's level) as float32 of
-  shape (granules, rows / granules, N), and the matching rows of `scale` (``w.scale_values()``, (G, N) or
-  (1, 1)), broadcastable to (granules, 1, N). `chunk` and `r0` may be traced int32 scalars."""
+  """Code rows ``chunk * C + r0 + [0, rows)`` of w, unpacked (uint8, or float8 for FP8) of shape (granules,
+  rows / granules, N), with the matching rows of `scale` (``w.scale_values()``, (G, N) or (1, 1)) and of `zero`
+  (None, or (granules, 1, N)), both broadcastable to (granules, 1, N). `chunk` and `r0` may be traced int32
+  scalars."""
   spec, n = w.spec, w.codes.shape[-1]
   if spec.format in PACKED and spec.bits < 8:
     codes, start, low = None, 0, 0
@@ -101,13 +103,12 @@ def decode_tile(w: QArray, p: TilePlan, chunk, r0, scale):
     if zero is not None:
       zero = lax.dynamic_slice_in_dim(zero, g0, p.granules, axis=0)                          # (R, N)
   zero = None if zero is None else zero[:, None, :]                                          # (R, 1, N)
-  vals = FORMATS[spec.format].decode(codes, zero, spec)                                      # (R, rows/R, N) f32
-  return vals, scale[:, None, :]                                                             # scale (R, 1, N)
+  return codes, scale[:, None, :], zero                                                      # scale (R, 1, N)
 
 
 def for_each_tile(w: QArray, xp, step, acc):
-  """Fold ``acc = step(acc, x_tile, vals, scale)`` over every tile of w (`decode_tile`), one tile per trip of a
-  `fori_loop` (chunk-major), so one float tile is live at a time.
+  """Fold ``acc = step(acc, x_tile, codes, scale, zero)`` over every tile of w (`decode_tile`), one tile per trip
+  of a `fori_loop` (chunk-major), so one float tile is live at a time.
 
   xp: (M, K_pad) activations (any dtype), zero-padded; x_tile: (M, rows) the matching columns (zeroed where the
   last, overlapping tile repeats rows). The loop body is rematerialized under differentiation, so reverse mode
@@ -123,8 +124,8 @@ def for_each_tile(w: QArray, xp, step, acc):
     if not p.exact:   # rows before t * rows were covered by the previous tile
       fresh = r0 + jnp.arange(p.rows) >= t * p.rows
       xt = jnp.where(fresh, xt, jnp.zeros((), xt.dtype))
-    vals, rows_scale = decode_tile(w, p, chunk, r0, scale)
-    return step(acc, xt, vals, rows_scale)
+    codes, rows_scale, rows_zero = decode_tile(w, p, chunk, r0, scale)
+    return step(acc, xt, codes, rows_scale, rows_zero)
 
   trips = p.chunks * p.steps
   if trips == 1:
@@ -139,8 +140,8 @@ def qmatmul(x, w: QArray):
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)                                       # (M, K)
   xp = jnp.pad(x2, [(0, 0), (0, w.k_pad - w.k)])                                            # (M, K_pad)
 
-  def step(acc, xt, vals, scale):
-    tile = (vals * scale).reshape(-1, n)                                                     # (rows, N) f32
+  def step(acc, xt, codes, scale, zero):
+    tile = dequantize(codes, scale, zero, w.spec).reshape(-1, n)                             # (rows, N) f32
     return acc + jnp.dot(xt, tile, preferred_element_type=jnp.float32)
 
   out = for_each_tile(w, xp, step, jnp.zeros((xp.shape[0], n), jnp.float32))               # (M, N)

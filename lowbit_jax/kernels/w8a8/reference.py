@@ -21,7 +21,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.formats import fp8
+from lowbit_jax.formats import FORMATS, fp8
 from lowbit_jax.kernels import common
 from lowbit_jax.kernels.qmatmul import reference as weight_only
 from lowbit_jax.qarray import QArray
@@ -65,7 +65,8 @@ def _forward(x, w: QArray, *, per_token: bool):
   exact = w.spec.format in (Format.INT, Format.TERNARY)
   acc_t = jnp.int32 if exact else jnp.float32
 
-  def step(acc, xt, vals, scale):   # one weight tile: R scale granules of rows / R code rows each
+  def step(acc, xt, codes, scale, zero):   # one weight tile: R scale granules of rows / R code rows each
+    vals = FORMATS[w.spec.format].decode(codes, zero, w.spec)                     # (R, rows/R, N) f32
     r = vals.shape[0]
     a = xt.astype(acc_t).reshape(xt.shape[0], r, -1)                              # (M, R, rows/R)
     partial = jnp.einsum("mrk,rkn->mrn", a, vals.astype(acc_t), preferred_element_type=acc_t)   # (M, R, N)

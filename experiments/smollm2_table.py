@@ -95,7 +95,8 @@ def agreement(outs, ref) -> tuple[float, float]:
   return float(np.mean(same)), float(np.mean(prefix))
 
 
-def run(cfg, rows, mix: bool):
+def run(cfg, rows, mix: bool, report=lambda results, info: None):
+  """-> (results, info); `report(results, info)` after every row, so a stopped run leaves its finished rows."""
   t_start = time.perf_counter()
   setup = pt.load(cfg)
   loaded = load_gguf(asset_path(cfg.model))
@@ -123,6 +124,8 @@ def run(cfg, rows, mix: bool):
     bits, _ = pt.bits_per_weight(tree, setup.linear_paths)
     results.append(dict(label=label, method=method, ppl=ppl, kl=kl, top1=top1, agree=agreement(outs, ref_out),
                         bits=bits, secs=seconds))
+    info.update(total_minutes=(time.perf_counter() - t_start) / 60, peak_rss=_rss_mib())
+    report(results, info)
     tqdm.write(f"{label:34s} ppl {' / '.join(f'{p:.3f}' for p in ppl)} KL {kl:.4f} agree "
                f"{results[-1]['agree'][0]:.2f}/{results[-1]['agree'][1]:.2f} {bits:.3f} b/w {seconds:.0f} s")
     return bits
@@ -156,8 +159,12 @@ def run(cfg, rows, mix: bool):
       tree = jax.block_until_ready(alloc.apply(lb.gptq, loaded.params, calib))
       measure(f"GPTQ mixed @ {budget:.3f} b/w", tree, time.perf_counter() - t0, "mixed", flat_fns)
       info.setdefault("allocations", []).append((budget, alloc.table()))
-  info.update(total_minutes=(time.perf_counter() - t_start) / 60, peak_rss=_rss_mib())
+  info.update(total_minutes=(time.perf_counter() - t_start) / 60, peak_rss=_rss_mib(), done=True)
+  report(results, info)
   return results, info
+
+
+PARTIAL = " so far (the run was stopped or is still running: only the rows below were measured)"
 
 
 def markdown(cfg, results, info) -> str:
@@ -165,7 +172,8 @@ def markdown(cfg, results, info) -> str:
   lines = [
       "# Post-training quantization of SmolLM2-135M-Instruct", "",
       f"Written by `experiments/smollm2_table.py` on {datetime.date.today().isoformat()}, jax {jax.__version__} on "
-      f"{jax.devices()[0].platform}; whole run {info['total_minutes']:.1f} min. Evaluation: the first "
+      f"{jax.devices()[0].platform}; {info['total_minutes']:.1f} min{'' if info.get('done') else PARTIAL}. "
+      f"Evaluation: the first "
       f"{cfg.max_windows} windows of {cfg.seq_len} tokens of each set ("
       + ", ".join(f"{n}: {w} windows" for n, w in zip(names, info["windows"])) + "). Calibration (32 x 512 "
       f"WikiText-2 validation tokens): {info['calib_seconds']:.1f} s; peak RSS {info['load_rss']:.0f} MiB after "
@@ -203,13 +211,15 @@ def plot(cfg, results, path: Path) -> None:
 
 def main(quick: bool = False) -> None:
   cfg = CONFIG
-  results, info = run(cfg, QUICK if quick else cfg.rows, mix=not quick)
-  text = markdown(cfg, results, info)
   cfg.out_dir.mkdir(parents=True, exist_ok=True)
   out = cfg.out_dir / ("smollm2_table_quick" if quick else "smollm2_table")
-  out.with_suffix(".md").write_text(text, encoding="utf-8")
-  plot(cfg, results, out.with_suffix(".png"))
-  print(text)
+
+  def report(results, info):
+    out.with_suffix(".md").write_text(markdown(cfg, results, info), encoding="utf-8")
+    plot(cfg, results, out.with_suffix(".png"))
+
+  results, info = run(cfg, QUICK if quick else cfg.rows, mix=not quick, report=report)
+  print(markdown(cfg, results, info))
   print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 

@@ -126,3 +126,15 @@ def test_bf16_weights_keep_their_dtype():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 16)), jnp.bfloat16)
   q = lb.quantize(x, lb.int_spec(8))
   assert q.dtype == jnp.bfloat16 and q.dequantize().dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if REGISTRY[n].scale_dtype == np.dtype(jnp.float16)])
+def test_float16_scales_and_offsets_beyond_range_clip_instead_of_nan(name):
+  """A float16 scale or offset beyond 65504 is clamped (formats/integer.py): values clip, nothing becomes inf/NaN
+  (found by the property above: an offset of -1.3e5 stored as -inf)."""
+  x = np.random.default_rng(3).standard_normal((64, 8)).astype(np.float32) * np.float32(4e4)
+  x[5, 2], x[40, 3] = -1.3e5, 2.1e5
+  q = lb.quantize(x, REGISTRY[name])
+  d = np.asarray(q.dequantize())
+  assert np.all(np.isfinite(d))
+  assert np.all(np.abs(d - x) <= error_bound(x, q))

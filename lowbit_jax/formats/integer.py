@@ -18,7 +18,9 @@ clipping ratio of least error (`formats/clip.py`); symmetric and INTEGER ranges 
 towards their midpoint.
 
 A scale whose magnitude would round to zero in `scale_dtype` is replaced by 1 (the granule is then all but zero),
-so a stored scale is never 0 and dequantization never divides by or multiplies with a lost scale.
+so a stored scale is never 0 and dequantization never divides by or multiplies with a lost scale; a scale or float
+offset beyond the range of `scale_dtype` (float16 above 65504) is clamped to its largest finite value, so values
+outside the representable range clip instead of dequantizing to inf or NaN.
 
 Error bound (finite input, float32 scales, no clipping search): ``|x - dequantize(x)| <= |scale| / 2`` (half a
 step; FULL's +absmax sits half a step above the top level), except SIGNED_MAX's end opposite the signed max, which
@@ -42,9 +44,12 @@ def implicit_zero(bits: int) -> int:
   return 1 << (bits - 1)
 
 
-def _nonzero(scale, spec):
-  """A scale whose magnitude rounds to 0 in the storage dtype becomes 1 (module docstring)."""
-  return jnp.where(jnp.abs(scale) >= np.float32(np.finfo(spec.scale_dtype).tiny), scale, np.float32(1.0))
+def _storable(scale, spec):
+  """A scale whose magnitude rounds to 0 in the storage dtype becomes 1; one beyond its range is clamped to its
+  largest finite value (module docstring)."""
+  info = np.finfo(spec.scale_dtype)
+  scale = jnp.clip(scale, -np.float32(info.max), np.float32(info.max))
+  return jnp.where(jnp.abs(scale) >= np.float32(info.tiny), scale, np.float32(1.0))
 
 
 def _stats(xg, valid, red_axes, spec):
@@ -72,14 +77,16 @@ def _params_at(stats, ratio, spec):
   if spec.symmetric:
     denom = {SymGrid.FULL: implicit_zero(spec.bits) - 0.5, SymGrid.SIGNED_MAX: -implicit_zero(spec.bits),
              SymGrid.RESTRICTED: implicit_zero(spec.bits) - 1}[spec.grid]
-    return _nonzero(a * ratio / np.float32(denom), spec), None
+    return _storable(a * ratio / np.float32(denom), spec), None
   if spec.float_offset:
     mid, half = (a + b) / 2, (b - a) / 2 * ratio
     lo = jnp.where(jnp.isfinite(mid), mid - half, np.float32(0.0))        # an all-padding granule: [0, 0]
-    scale = _nonzero(2 * half / np.float32(max_code(spec.bits)), spec)
+    fmax = np.float32(np.finfo(spec.scale_dtype).max)
+    lo = jnp.clip(lo, -fmax, fmax)                                        # a storable offset (module docstring)
+    scale = _storable(2 * half / np.float32(max_code(spec.bits)), spec)
     return scale, lo.astype(spec.scale_dtype).astype(jnp.float32)
   lo, hi = a * ratio, b * ratio
-  scale = _nonzero((hi - lo) / np.float32(max_code(spec.bits)), spec)
+  scale = _storable((hi - lo) / np.float32(max_code(spec.bits)), spec)
   zero = jnp.clip(jnp.round(-lo / scale), 0, max_code(spec.bits))
   return scale, zero.astype(jnp.uint8)
 

@@ -26,6 +26,9 @@ SPECS = {
     "int4_g32_asym_bf16": lb.int_spec(4, group_size=32, symmetric=False, scale_dtype=jnp.bfloat16),
     "int4_channel_asym": lb.int_spec(4, symmetric=False),
     "int2_g64_asym": lb.int_spec(2, group_size=64, symmetric=False),
+    "int4_g32_q4_1": lb.q4_1_spec(),                      # float offsets enter the kernels as float zeros
+    "int4_channel_float_offset": lb.int_spec(4, symmetric=False, zero_point=lb.ZeroPoint.FLOAT),
+    "int4_g32_signed_max": lb.int_spec(4, group_size=32, grid=lb.SymGrid.SIGNED_MAX),   # negative scales
     "ternary_tensor": lb.ternary_spec(),
     "ternary_channel": lb.ternary_spec(per_channel=True),
     "nf4_dq": lb.nf4_spec(),
@@ -51,7 +54,8 @@ def assert_matches(got, ref, dtype):
 
 
 # Every format in bfloat16 (the serving dtype) on both kernel families; float32 on a subset covering each decode.
-F32_CASES = ("int8_g128_asym", "int2_g64_asym", "nf4_nodq", "fp8_e4m3_tensor", "int4_channel_asym")
+F32_CASES = ("int8_g128_asym", "int2_g64_asym", "nf4_nodq", "fp8_e4m3_tensor", "int4_channel_asym",
+             "int4_channel_float_offset")
 CASES = [(name, jnp.bfloat16) for name in sorted(SPECS)] + [(name, jnp.float32) for name in F32_CASES]
 
 

@@ -22,23 +22,15 @@ concatenates the stories, without EOS):
 from __future__ import annotations
 
 import dataclasses
-import enum
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from lowbit_jax.assets import asset_path
-from lowbit_jax.eval import PerplexityResult, perplexity
+from lowbit_jax.eval import PerplexityResult, Segmentation, perplexity, token_stream
 from lowbit_jax.io.gguf import load_gguf
-from lowbit_jax.io.tokenizer import Tokenizer
 from lowbit_jax.models.llama import Llama, stack_layers
-
-
-class Segmentation(enum.Enum):
-  BOS_PER_BLOCK = "each blank-line-separated block stripped, BOS + block, concatenated"
-  ONE_DOCUMENT = "whole file as one string, one BOS in front"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +55,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fp32_perplexity.md"
 # -------------------------------------------------------------------------------------------------------------------
 
 
-def tokenize(text: str, tokenizer: Tokenizer, segmentation: Segmentation) -> np.ndarray:
-  """The evaluation token stream of one file, (N,) int32 (see the module docstring)."""
-  if segmentation is Segmentation.ONE_DOCUMENT:
-    return np.asarray(tokenizer.encode(text, bos=True, eos=False), np.int32)
-  blocks = [b.strip() for b in text.split("\n\n")]
-  return np.concatenate([np.asarray(tokenizer.encode(b, bos=True, eos=False), np.int32) for b in blocks if b])
-
-
 def main() -> None:
   loaded = load_gguf(asset_path(MODEL))
   model = Llama(loaded.config, scan_layers=SCAN_LAYERS)
@@ -82,7 +66,7 @@ def main() -> None:
 
   rows: list[tuple[Dataset, int, PerplexityResult, float]] = []
   for ds in DATASETS:
-    stream = tokenize(asset_path(ds.asset).read_text(encoding="utf-8"), loaded.tokenizer, ds.segmentation)
+    stream = token_stream(asset_path(ds.asset).read_text(encoding="utf-8"), loaded.tokenizer, ds.segmentation)
     t0 = time.perf_counter()
     result = perplexity(apply_fn, params, stream, seq_len=SEQ_LEN, batch_size=BATCH_SIZE)
     seconds = time.perf_counter() - t0

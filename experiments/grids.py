@@ -30,13 +30,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import lowbit_jax as lb
+from lowbit_jax.eval import Segmentation
 
 try:
   from experiments import ptq_table as pt
-  from experiments.fp32_perplexity import Segmentation
 except ModuleNotFoundError:  # run as `python experiments/grids.py`
   import ptq_table as pt
-  from fp32_perplexity import Segmentation
 
 
 class Variant(enum.Enum):

@@ -46,14 +46,11 @@ import lowbit_jax as lb
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms.llm_int8 import llm_int8_spec
 from lowbit_jax.assets import asset_path
-from lowbit_jax.eval import token_kl_divergence
+from lowbit_jax import eval as ev
+from lowbit_jax.eval import Segmentation, token_kl_divergence
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, stack_layers
 
-try:
-  from experiments.fp32_perplexity import Segmentation, tokenize
-except ModuleNotFoundError:  # run as `python experiments/ptq_table.py`: this folder is on sys.path instead
-  from fp32_perplexity import Segmentation, tokenize
 
 
 class Method(enum.Enum):
@@ -164,7 +161,8 @@ class Setup:
 def load(cfg: Config) -> Setup:
   loaded = load_gguf(asset_path(cfg.model))
   model = Llama(loaded.config, scan_layers=cfg.scan_layers)
-  params = stack_layers(loaded.params, loaded.config.n_layers) if cfg.scan_layers else loaded.params
+  floats = lb.dequantize(loaded.params)  # the float view: a GGUF's Q4_1 / Q8_0 QArrays decoded (as gguf-py does)
+  params = stack_layers(floats, loaded.config.n_layers) if cfg.scan_layers else floats
 
   def apply(p, tokens):
     return model.apply({"params": p}, tokens)
@@ -177,7 +175,7 @@ def load(cfg: Config) -> Setup:
 def token_stream(asset: str, segmentation: Segmentation, tokenizer) -> np.ndarray:
   """The whole file tokenized as in experiments/fp32_perplexity.py, (N,) int32, read-only (cached: WikiText-2 takes
   seconds)."""
-  stream = tokenize(asset_path(asset).read_text(encoding="utf-8"), tokenizer, segmentation)
+  stream = ev.token_stream(asset_path(asset).read_text(encoding="utf-8"), tokenizer, segmentation)
   stream.setflags(write=False)
   return stream
 
@@ -185,10 +183,8 @@ def token_stream(asset: str, segmentation: Segmentation, tokenizer) -> np.ndarra
 def calibration_batches(cfg: Config, tokenizer) -> list[jax.Array]:
   """`calib_windows` random windows of the training slice (see the module docstring), (calib_batch, len) each."""
   stream = token_stream(cfg.calib_asset, cfg.calib_segmentation, tokenizer)
-  starts = np.sort(np.random.default_rng(cfg.calib_seed).integers(0, stream.shape[0] - cfg.calib_len + 1,
-                                                                    cfg.calib_windows))
-  windows = np.stack([stream[s:s + cfg.calib_len] for s in starts])  # (calib_windows, calib_len)
-  return [jnp.asarray(windows[i:i + cfg.calib_batch]) for i in range(0, cfg.calib_windows, cfg.calib_batch)]
+  return ev.sample_windows(stream, n=cfg.calib_windows, length=cfg.calib_len, batch=cfg.calib_batch,
+                           seed=cfg.calib_seed)
 
 
 def eval_windows(cfg: Config, ds: EvalSet, tokenizer) -> tuple[np.ndarray, int]:

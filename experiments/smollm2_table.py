@@ -2,10 +2,13 @@
 bits, greedy chat agreement, mixed precision at equal bytes, and what calibrating and quantizing 135M parameters
 costs on this CPU (GitHub issue 10, item 6).
 
-    python experiments/smollm2_table.py          # ~45 min on 2 cores
-    python experiments/smollm2_table.py --quick  # 4 rows, to check the pipeline
+    python experiments/smollm2_table.py                 # every row: ~2 h on 2 cores
+    python experiments/smollm2_table.py --part uniform  # the uniform rows (~80 min) -> smollm2_table_uniform.md
+    python experiments/smollm2_table.py --part mixed    # the mixed rows beside the uniform GPTQ rows of equal
+                                                        # bytes, measured in one run -> smollm2_table_mixed.md
+    python experiments/smollm2_table.py --part quick    # a smoke test of every code path (short windows)
 
-Writes experiments/results/smollm2_table.md and .png.
+Writes experiments/results/smollm2_table[_part].md and .png.
 
 The model's weights are stored by llama.cpp as Q4_1 (4-bit asymmetric, groups of 32); they are dequantized to float32
 on load and that float model is the "unquantized" row. Re-quantizing at 4 bits with groups of 32 would be nearly
@@ -24,16 +27,19 @@ Protocol:
     first difference.
   * Methods: `experiments/ptq_table.py`'s (RTN / GPTQ / AWQ symmetric on the default grid, SmoothQuant W8A8 alpha
     0.5, LLM.int8() threshold 6, NF4 with double quantization, FP8 E4M3 per tensor); mixed rows: `lb.allocate`
-    (default sensitivity) over `MIX_CANDIDATES` at the stored bits/weight of a uniform row, applied with GPTQ.
+    (default sensitivity) over `MIX_CANDIDATES` at the stored bits/weight of uniform INT3 g128 and INT4 g128,
+    applied with GPTQ, beside uniform GPTQ at those formats in the same run.
     The uniform rows run the layers scanned (one compiled layer); the mixed rows run them unrolled (a second
-    calibration of the same windows), so every layer's weights are their own allocation units; the KL factors of
-    the default sensitivity are measured on one calibration batch (`kl_batches=1`).
+    calibration of the same windows, one window per batch), so every layer's weights are their own allocation
+    units; the KL factors of the default sensitivity are measured on one calibration batch (`kl_batches=1`: 512
+    tokens; one forward of the 30-layer model per unit, 120 units).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import enum
 import resource
 import time
 import traceback
@@ -47,27 +53,26 @@ from tqdm.auto import tqdm
 import lowbit_jax as lb
 from lowbit_jax import select as sel
 from lowbit_jax.assets import asset_path
-from lowbit_jax.eval import CachedApply, generate_greedy_batch
+from lowbit_jax.eval import CachedApply, Segmentation, generate_greedy_batch
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama
 
 try:
   from experiments import ptq_table as pt
   from experiments.chat_prompts import QUESTIONS
-  from experiments.fp32_perplexity import Segmentation
 except ModuleNotFoundError:  # run as `python experiments/smollm2_table.py`
   import ptq_table as pt
   from chat_prompts import QUESTIONS
-  from fp32_perplexity import Segmentation
 
 M = pt.Method
 SETTINGS = ((8, None), (4, None), (4, 128), (3, 128), (2, 64))
 ROWS = tuple(pt.Row(m, b, g) for m in (M.RTN, M.GPTQ, M.AWQ) for b, g in SETTINGS) + (
     pt.Row(M.NF4), pt.Row(M.FP8), pt.Row(M.SMOOTHQUANT), pt.Row(M.LLM_INT8))
-QUICK = (pt.Row(M.RTN, 8, None), pt.Row(M.RTN, 3, 128), pt.Row(M.GPTQ, 3, 128), pt.Row(M.NF4))
+QUICK = (pt.Row(M.RTN, 8, None), pt.Row(M.GPTQ, 3, 128))
 MIX_CANDIDATES = (lb.int_spec(2, group_size=64), lb.int_spec(3, group_size=128), lb.int_spec(4, group_size=128),
                   lb.int_spec(8))
-MIX_AT = ((3, 128), (2, 64))   # mixed rows at the stored bits/weight of these uniform GPTQ rows
+MIX_AT = ((3, 128), (4, 128))  # mixed rows at the stored bits/weight of these uniform formats (not INT2 g64:
+#                                 no candidate is cheaper, so an allocation at its bytes is uniform INT2 g64)
 NEW_TOKENS = 32
 
 CONFIG = dataclasses.replace(
@@ -95,11 +100,12 @@ def agreement(outs, ref) -> tuple[float, float]:
   return float(np.mean(same)), float(np.mean(prefix))
 
 
-def run(cfg, rows, mix: bool, report=lambda results, info: None):
+def run(cfg, rows, mix_at, report=lambda results, info: None):
   """-> (results, info); `report(results, info)` after every row, so a stopped run leaves its finished rows."""
   t_start = time.perf_counter()
   setup = pt.load(cfg)
   loaded = load_gguf(asset_path(cfg.model))
+  loaded = dataclasses.replace(loaded, params=lb.dequantize(loaded.params))   # the float view of Q4_1 / Q8_0
   model = Llama(loaded.config, scan_layers=cfg.scan_layers)
   prompts = [loaded.tokenizer.encode(loaded.chat_template.apply_chat_template([{"role": "user", "content": q}]))
              for q in QUESTIONS]
@@ -107,21 +113,23 @@ def run(cfg, rows, mix: bool, report=lambda results, info: None):
   cmp = next(i for i, ds in enumerate(cfg.eval_sets) if ds.compare_to_fp32)
   refs = [pt._ref_logits(setup.apply, setup.params, jnp.asarray(data[cmp][0][i:i + cfg.batch_size]))
           for i in range(0, data[cmp][0].shape[0], cfg.batch_size)]
-  info = dict(windows=[n for _, n in data], load_rss=_rss_mib())
-  t0 = time.perf_counter()
-  calib = lb.calibrate(setup.apply, setup.params, pt.calibration_batches(cfg, setup.tokenizer),
-                       outlier_threshold=cfg.llm_int8_threshold)
-  info.update(calib_seconds=time.perf_counter() - t0, calib_rss=_rss_mib())
+  info = dict(windows=[n for _, n in data], load_rss=_rss_mib(), calib_seconds=float("nan"), calib_rss=float("nan"))
+  calib = None
+  if any(r.method.calibrated for r in rows):
+    t0 = time.perf_counter()
+    calib = lb.calibrate(setup.apply, setup.params, pt.calibration_batches(cfg, setup.tokenizer),
+                         outlier_threshold=cfg.llm_int8_threshold)
+    info.update(calib_seconds=time.perf_counter() - t0, calib_rss=_rss_mib())
   ref_out = generate_greedy_batch(model, setup.params, prompts, max_new_tokens=NEW_TOKENS,
                                   apply_fn=CachedApply(model=model))
   fns = (lb.quantized(setup.apply), model, lb.quantized(CachedApply(model=model)))   # one object each: jit caches
   results = []
 
-  def measure(label, tree, seconds, method, fns=fns):
+  def measure(label, tree, seconds, method, fns=fns, linear=setup.linear_paths):
     fn, gen_model, gen = fns
     ppl, kl, top1 = pt.evaluate(cfg, fn, tree, data, refs, label)
     outs = generate_greedy_batch(gen_model, tree, prompts, max_new_tokens=NEW_TOKENS, apply_fn=gen)
-    bits, _ = pt.bits_per_weight(tree, setup.linear_paths)
+    bits, _ = pt.bits_per_weight(tree, linear)
     results.append(dict(label=label, method=method, ppl=ppl, kl=kl, top1=top1, agree=agreement(outs, ref_out),
                         bits=bits, secs=seconds))
     info.update(total_minutes=(time.perf_counter() - t_start) / 60, peak_rss=_rss_mib())
@@ -132,33 +140,37 @@ def run(cfg, rows, mix: bool, report=lambda results, info: None):
 
   measure("unquantized (Q4_1 dequantized, f32)", setup.params, 0.0, None,
           (setup.apply, model, CachedApply(model=model)))
-  uniform_bits = {}
+  if mix_at:   # first: the unrolled calibration and the allocation are the run's least tried part
+    flat_model = Llama(loaded.config, scan_layers=False)
+    flat_apply = lambda p, t: flat_model.apply({"params": p}, t)  # noqa: E731
+    flat_fns = (lb.quantized(flat_apply), flat_model, lb.quantized(CachedApply(model=flat_model)))
+    flat_linear = frozenset(sel.path_str(p) for p in sel.select(loaded.params))   # layers_{i}/... paths
+    t0 = time.perf_counter()
+    flat_calib = lb.calibrate(flat_apply, loaded.params,   # the same windows one per batch: one KL batch is 512
+                              pt.calibration_batches(dataclasses.replace(cfg, calib_batch=1), setup.tokenizer))
+    info.update(flat_calib_seconds=time.perf_counter() - t0, flat_calib_rss=_rss_mib())
+    alloc = None
+    for bits, group in mix_at:   # the budget: the stored bits/weight of the uniform format (GPTQ's = RTN's)
+      budget, _ = pt.bits_per_weight(lb.rtn(setup.params, None, lb.int_spec(bits, group_size=group)),
+                                     setup.linear_paths)
+      t0 = time.perf_counter()
+      alloc = (lb.allocate(loaded.params, flat_calib, budget, MIX_CANDIDATES, kl_batches=1) if alloc is None
+               else alloc.with_budget(budget))
+      tree = jax.block_until_ready(alloc.apply(lb.gptq, loaded.params, flat_calib))
+      info.setdefault("allocations", []).append((budget, alloc.table()))
+      measure(f"GPTQ mixed @ {budget:.3f} b/w (INT{bits} g{group}'s bytes)", tree, time.perf_counter() - t0,
+              "mixed", flat_fns, flat_linear)
+      del tree
+    del flat_calib
   for row in tqdm(rows, desc="SmolLM2 rows"):
     try:
       t0 = time.perf_counter()
       tree = jax.block_until_ready(pt.quantize_row(cfg, row, setup.params, calib))
-      bits = measure(row.label, tree, time.perf_counter() - t0, row.method)
-      if row.method is M.GPTQ:
-        uniform_bits[(row.bits, row.group_size)] = bits
+      measure(row.label, tree, time.perf_counter() - t0, row.method)
       del tree
     except Exception as e:  # a row that cannot run is reported, never estimated
       info.setdefault("skipped", []).append(f"{row.label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
       tqdm.write(f"{row.label}: SKIPPED\n{traceback.format_exc(limit=6)}")
-  if mix:
-    del calib
-    flat_model = Llama(loaded.config, scan_layers=False)
-    flat_apply = lambda p, t: flat_model.apply({"params": p}, t)  # noqa: E731
-    flat_fns = (lb.quantized(flat_apply), flat_model, lb.quantized(CachedApply(model=flat_model)))
-    calib = lb.calibrate(flat_apply, loaded.params, pt.calibration_batches(cfg, setup.tokenizer))
-    alloc = None
-    for setting in MIX_AT:
-      budget = uniform_bits[setting]
-      t0 = time.perf_counter()
-      alloc = (lb.allocate(loaded.params, calib, budget, MIX_CANDIDATES, kl_batches=1) if alloc is None
-               else alloc.with_budget(budget))
-      tree = jax.block_until_ready(alloc.apply(lb.gptq, loaded.params, calib))
-      measure(f"GPTQ mixed @ {budget:.3f} b/w", tree, time.perf_counter() - t0, "mixed", flat_fns)
-      info.setdefault("allocations", []).append((budget, alloc.table()))
   info.update(total_minutes=(time.perf_counter() - t_start) / 60, peak_rss=_rss_mib(), done=True)
   report(results, info)
   return results, info
@@ -175,15 +187,18 @@ def markdown(cfg, results, info) -> str:
       f"{jax.devices()[0].platform}; {info['total_minutes']:.1f} min{'' if info.get('done') else PARTIAL}. "
       f"Evaluation: the first "
       f"{cfg.max_windows} windows of {cfg.seq_len} tokens of each set ("
-      + ", ".join(f"{n}: {w} windows" for n, w in zip(names, info["windows"])) + "). Calibration (32 x 512 "
-      f"WikiText-2 validation tokens): {info['calib_seconds']:.1f} s; peak RSS {info['load_rss']:.0f} MiB after "
-      f"loading, {info['calib_rss']:.0f} MiB after calibration, {info['peak_rss']:.0f} MiB at the end. Greedy "
+      + ", ".join(f"{n}: {w} windows" for n, w in zip(names, info["windows"]))
+      + f"). Calibration: {cfg.calib_windows} x {cfg.calib_len} WikiText-2 validation tokens"
+      + "".join(f"; {what} {info[k + '_seconds']:.1f} s, peak RSS after it {info[k + '_rss']:.0f} MiB"
+                for k, what in (("calib", "scanned layers (uniform rows)"), ("flat_calib", "unrolled (mixed rows)"))
+                if k + "_seconds" in info and info[k + "_seconds"] == info[k + "_seconds"])
+      + f". Peak RSS {info['load_rss']:.0f} MiB after loading, {info['peak_rss']:.0f} MiB at the end. Greedy "
       f"agreement: 32 chat prompts x {NEW_TOKENS} new tokens.", "",
       "| method | " + " | ".join(f"ppl {n}" for n in names) +
       " | KL to unquantized | top-1 | prompts identical | tokens before 1st diff | bits/weight (linear) | "
       "quant time (s) |",
       "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for r in results:
+  for r in sorted(results, key=lambda r: r["method"] == "mixed"):   # mixed rows (measured first) last
     lines.append(f"| {r['label']} | " + " | ".join(f"{p:.4f}" for p in r["ppl"]) +
                  f" | {r['kl']:.5f} | {100 * r['top1']:.2f} % | {100 * r['agree'][0]:.0f} % | "
                  f"{100 * r['agree'][1]:.0f} % | {r['bits']:.3f} | {r['secs']:.1f} |")
@@ -209,21 +224,35 @@ def plot(cfg, results, path: Path) -> None:
   pt.finish_ppl_plot(fig, axes, cfg, "SmolLM2-135M-Instruct PTQ: perplexity vs bits per weight", path)
 
 
-def main(quick: bool = False) -> None:
+class Part(enum.Enum):
+  """Which rows one run measures (the uniform rows take ~80 min on a 2-core CPU, the mixed ones ~30 min)."""
+  ALL = "all"
+  UNIFORM = "uniform"
+  MIXED = "mixed"
+  QUICK = "quick"   # a smoke test of every code path: 2 rows and one mixed row on short windows
+
+
+def main(part: Part = Part.ALL) -> None:
   cfg = CONFIG
   cfg.out_dir.mkdir(parents=True, exist_ok=True)
-  out = cfg.out_dir / ("smollm2_table_quick" if quick else "smollm2_table")
+  out = cfg.out_dir / ("smollm2_table" if part is Part.ALL else f"smollm2_table_{part.value}")
 
   def report(results, info):
     out.with_suffix(".md").write_text(markdown(cfg, results, info), encoding="utf-8")
     plot(cfg, results, out.with_suffix(".png"))
 
-  results, info = run(cfg, QUICK if quick else cfg.rows, mix=not quick, report=report)
+  at_mix = tuple(pt.Row(M.GPTQ, b, g) for b, g in MIX_AT)   # the uniform rows the mixed ones are compared with
+  rows = {Part.ALL: cfg.rows, Part.UNIFORM: cfg.rows, Part.MIXED: at_mix, Part.QUICK: QUICK}[part]
+  mix_at = {Part.ALL: MIX_AT, Part.UNIFORM: (), Part.MIXED: MIX_AT, Part.QUICK: MIX_AT[:1]}[part]
+  if part is Part.QUICK:
+    cfg = dataclasses.replace(cfg, calib_windows=8, calib_len=256, seq_len=512)
+  results, info = run(cfg, rows, mix_at, report=report)
   print(markdown(cfg, results, info))
   print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="4 rows, no mixed precision")
-  main(ap.parse_args().quick)
+  ap.add_argument("--part", type=Part, choices=list(Part), default=Part.ALL,
+                  help="which rows: all (one table), uniform or mixed (tables of their own), quick (a smoke test)")
+  main(ap.parse_args().part)

@@ -7,7 +7,7 @@
     print(lowbit_jax.memory_report(qparams))
 """
 from lowbit_jax.memory import MemoryReport, memory_report
-from lowbit_jax.qarray import QArray, qarray_sharding, quantize
+from lowbit_jax.qarray import QArray, dequantize, qarray_sharding, quantize
 from lowbit_jax.rtn import rtn
 from lowbit_jax.spec import (DEFAULT_SYM_GRID, ActQuant, ClipSearch, Format, PerChannel, PerGroup, PerTensor,
                              QuantSpec, SymGrid, ZeroPoint, fp8_spec, int_spec, nf4_spec, q4_1_spec, ternary_spec)
@@ -18,11 +18,12 @@ from lowbit_jax.algorithms.llm_int8 import OutlierReport, llm_int8, llm_int8_spe
 from lowbit_jax.algorithms.smoothquant import W8A8_SPEC, smoothquant  # noqa: E402
 from lowbit_jax.algorithms.registry import ALGORITHMS  # noqa: E402
 from lowbit_jax.allocate import Allocation, Sensitivity, allocate  # noqa: E402
+from lowbit_jax import checkpoint  # noqa: E402  (save / restore; orbax is imported on first use)
 
 __all__ = [
     "Format", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "int_spec", "nf4_spec", "fp8_spec",
     "ternary_spec", "q4_1_spec", "SymGrid", "ZeroPoint", "ClipSearch", "DEFAULT_SYM_GRID", "QArray", "quantize",
-    "qarray_sharding", "rtn", "memory_report", "MemoryReport",
+    "dequantize", "qarray_sharding", "rtn", "memory_report", "MemoryReport",
     "calibrate", "Calibration", "Stat", "analyze", "quantized", "gptq", "awq",
     "smoothquant", "llm_int8", "outlier_report", "OutlierReport", "ActQuant", "llm_int8_spec", "W8A8_SPEC",
     "ALGORITHMS", "allocate", "Allocation", "Sensitivity",

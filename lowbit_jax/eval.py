@@ -6,6 +6,7 @@ and raises `ValueError` with the offending shape/dtype instead of computing some
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -20,6 +21,30 @@ from lowbit_jax.models.llama import KVCache, Llama, LlamaConfig, init_cache
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, tokens (batch, seq) int32) -> logits (batch, seq, vocab)
+
+
+class Segmentation(enum.Enum):
+  """How a text file becomes one token stream (llama2.c pretokenizes every TinyStories story as BOS + story)."""
+  BOS_PER_BLOCK = "each blank-line-separated block stripped, BOS + block, concatenated"
+  ONE_DOCUMENT = "the whole text as one string, one BOS in front"
+
+
+def token_stream(text: str, tokenizer: Any, segmentation: Segmentation) -> np.ndarray:
+  """The text's token stream, (N,) int32 (see `Segmentation`); `tokenizer` is any `io.loaded.TextTokenizer`."""
+  if segmentation is Segmentation.ONE_DOCUMENT:
+    return np.asarray(tokenizer.encode(text, bos=True, eos=False), np.int32)
+  blocks = [b.strip() for b in text.split("\n\n")]
+  return np.concatenate([np.asarray(tokenizer.encode(b, bos=True, eos=False), np.int32) for b in blocks if b])
+
+
+def sample_windows(stream: np.ndarray, *, n: int, length: int, batch: int, seed: int) -> list[jax.Array]:
+  """`n` windows of `length` tokens of `stream` at sorted random starts (numpy `default_rng(seed)`), in batches of
+  `batch`: calibration data. Raises ValueError when the stream is shorter than one window."""
+  if stream.shape[0] < length:
+    raise ValueError(f"sample_windows: the stream has {stream.shape[0]} tokens, fewer than one window of {length}")
+  starts = np.sort(np.random.default_rng(seed).integers(0, stream.shape[0] - length + 1, n))
+  windows = np.stack([stream[s:s + length] for s in starts])  # (n, length)
+  return [jnp.asarray(windows[i:i + batch]) for i in range(0, n, batch)]
 
 
 class CachedApplyFn(Protocol):

@@ -196,6 +196,20 @@ class QArray:
                   perm=self.perm)
 
 
+def dequantize(tree):
+  """The float view of a parameter tree: every QArray leaf replaced by its `dequantize()` (a float array of its
+  dtype and logical shape), every other leaf as it is. Each QArray is decoded by one compiled function per
+  shape and spec rather than op by op (SmolLM2-135M's 211 QArrays: ~2 s instead of ~17 s); works inside `jax.jit`
+  too."""
+  return jax.tree.map(lambda l: _dequantize_leaf(l) if isinstance(l, QArray) else l, tree,
+                      is_leaf=lambda l: isinstance(l, QArray))
+
+
+@jax.jit
+def _dequantize_leaf(q: QArray):
+  return q.dequantize()
+
+
 def _expand(a, axis):
   """(..., G, ...) -> (..., G, 1, ...): a per-granule array broadcast against the grouped view."""
   return jnp.expand_dims(a, a.ndim + axis + 1)

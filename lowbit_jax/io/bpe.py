@@ -30,10 +30,12 @@ import regex
 
 from lowbit_jax.io.loaded import CheckpointError
 from lowbit_jax.io.pair_merge import merge_pairs
+from lowbit_jax.io.tokenizer import padding_id
 
 _GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _SPECIAL_TYPES = frozenset({2, 3, 4})  # llama.cpp's token types UNKNOWN, CONTROL, USER_DEFINED
 _CACHE_LIMIT = 1 << 17  # words; the cache is emptied when it grows past this
+_NO_TOKEN = (None, -1, 0xFFFFFFFF)  # an absent id, or llama.cpp's "no such token"
 
 
 class PreTokenizer(enum.Enum):
@@ -61,7 +63,7 @@ class BPETokenizer:
 
   * tokens are unique and `len(token_types) == len(tokens)`;
   * every merge is two tokens whose concatenation is a token;
-  * `bos_id`, `eos_id` (and `unk_id` unless None) are valid ids.
+  * `bos_id`, `eos_id` (and `unk_id`, `pad_id` unless None) are valid ids.
   """
   tokens: tuple[str, ...] = dataclasses.field(repr=False)
   token_types: tuple[int, ...] = dataclasses.field(repr=False)  # GGUF token types (1 normal, 3 control, ...)
@@ -70,6 +72,7 @@ class BPETokenizer:
   bos_id: int
   eos_id: int
   unk_id: int | None = None
+  pad_id: int | None = None  # `tokenizer.ggml.padding_token_id`: unused here, kept for the GGUF round trip
   add_bos: bool = False  # what `encode(text)` does without `bos=` (`tokenizer.ggml.add_bos_token`)
   _ids: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
   _merge_ranks: dict[tuple[int, int], tuple[int, int]] = dataclasses.field(init=False, repr=False, compare=False)
@@ -86,7 +89,7 @@ class BPETokenizer:
       raise ValueError("tokens are not unique")
     if len(self.token_types) != n:
       raise ValueError(f"{n} tokens but {len(self.token_types)} token types")
-    for name in ("bos_id", "eos_id", "unk_id"):
+    for name in ("bos_id", "eos_id", "unk_id", "pad_id"):
       value = getattr(self, name)
       if value is not None and not 0 <= value < n:
         raise ValueError(f"{name} {value} is not an id of a {n}-token vocabulary")
@@ -153,10 +156,33 @@ class BPETokenizer:
                  merges=tuple(merges), pre=PreTokenizer(pre),
                  bos_id=int(metadata["tokenizer.ggml.bos_token_id"]),
                  eos_id=int(metadata["tokenizer.ggml.eos_token_id"]),
-                 unk_id=None if unk in (None, -1, 0xFFFFFFFF) else int(unk),
+                 unk_id=None if unk in _NO_TOKEN else int(unk),
+                 pad_id=padding_id(metadata, len(metadata["tokenizer.ggml.tokens"])),
                  add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
     except ValueError as e:
       raise CheckpointError(path, f"invalid gpt2 tokenizer: {e}") from e
+
+  def to_gguf_metadata(self) -> dict[str, Any]:
+    """The GGUF `tokenizer.ggml.*` metadata of this vocabulary (plain Python values), the inverse of
+    `from_gguf_metadata`: `BPETokenizer.from_gguf_metadata(t.to_gguf_metadata(), path=...) == t`. Merges are
+    written as llama.cpp reads them, "left right" by rank; no space is prefixed (llama.cpp's gpt2 default, said
+    explicitly)."""
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": self.pre.value,
+        "tokenizer.ggml.tokens": list(self.tokens),
+        "tokenizer.ggml.token_type": list(self.token_types),
+        "tokenizer.ggml.merges": [f"{left} {right}" for left, right in self.merges],
+        "tokenizer.ggml.bos_token_id": self.bos_id,
+        "tokenizer.ggml.eos_token_id": self.eos_id,
+        "tokenizer.ggml.add_bos_token": self.add_bos,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    if self.unk_id is not None:
+      meta["tokenizer.ggml.unknown_token_id"] = self.unk_id
+    if self.pad_id is not None:
+      meta["tokenizer.ggml.padding_token_id"] = self.pad_id
+    return meta
 
   # ---------------------------------------------------------------------------------------------- encode/decode
 

@@ -1,14 +1,17 @@
-"""Load a Llama GGUF file (llama.cpp's format) into our config, float32 Flax params, tokenizer and chat template.
+"""Load a Llama GGUF file (llama.cpp's format) into our config, Flax params (packed QArrays or float32), tokenizer
+and chat template.
 
 GGUF facts this relies on:
+  * The header is parsed and validated by `io/gguf_header.py` before any tensor is touched (gguf-py's own reader
+    loops once per claimed element and trusts every offset); tensors are its `tensor_views`, gguf-py `ReaderTensor`s
+    laid out exactly as `gguf.GGUFReader` gives them.
   * A tensor's GGUF shape lists the fastest-varying dimension first (ggml's ne[0], ne[1], ...); `gguf.GGUFReader`
     reports it as `tensor.shape` and gives `tensor.data` in numpy order, i.e. reversed. So a Linear weight of
     `out` rows of `in` values has GGUF shape [in, out] and numpy shape (out, in), the PyTorch / llama2.c layout; we
     store its transpose (in, out). `token_embd.weight` is (vocab, dim) in numpy order and is used as is.
-  * Quantized tensors come as raw bytes (numpy shape (..., bytes per row)); Q8_0, Q4_0, Q4_1 and BF16 are decoded
-    here, vectorised, into float32. Q8_0: f16 scale d + 32 int8 q, x = d*q. Q4_0: f16 d + 16 bytes holding 32
-    nibbles (low nibbles are elements 0..15, high nibbles 16..31), x = d*(q-8). Q4_1: f16 d, f16 m, 16 bytes of
-    nibbles, x = d*q + m.
+  * Quantized tensors come as raw bytes (numpy shape (..., bytes per row)), decoded by `io/ggml_blocks.py` (block
+    layouts there): Q8_0, Q4_0, Q4_1 and TQ2_0 become QArrays that store exactly the file's codes and scales (the
+    same bytes, the same float32 values on dequantization); BF16, TQ1_0 and Q6_K are decoded into float32.
   * llama.cpp's `llama` architecture stores wq/wk in the interleaved-pair RoPE layout our model uses, so nothing
     is permuted.
   * A tied classifier is sometimes written out anyway (llama.cpp's llama2.c converter does): an `output.weight`
@@ -23,17 +26,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
 import numpy as np
 
+from lowbit_jax.io import ggml_blocks
 from lowbit_jax.io.bpe import BPETokenizer
 from lowbit_jax.io.chat import ChatTemplate
+from lowbit_jax.io.gguf_header import read_gguf_header, tensor_views
 from lowbit_jax.io.loaded import CheckpointError, LoadedModel, TextTokenizer, build_params, validate_config
 from lowbit_jax.io.tokenizer import Tokenizer
 from lowbit_jax.models.llama import LlamaConfig
+from lowbit_jax.qarray import QArray
 
-_T = gguf.GGMLQuantizationType
 _LAYER_TENSORS = {  # GGUF name (after "blk.{i}.") -> (Flax path after "layers_{i}/", transposed)
     "attn_norm.weight": ("attention_norm/scale", False),
     "attn_q.weight": ("attention/wq/kernel", True),
@@ -50,35 +54,34 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": ("norm/scale", False),
     "output.weight": ("output/kernel", True),
 }
-# Errors GGUFReader raises on a truncated or corrupted file (it memory-maps the file and slices past its end).
-_PARSE_ERRORS = (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError, MemoryError)
 
 
-def load_gguf(path: str | Path) -> LoadedModel:
-  """Reads a `llama`-architecture GGUF file: F32/F16/BF16 tensors as is, Q8_0/Q4_0/Q4_1 dequantized to float32.
+def load_gguf(path: str | Path, *, allow_nonfinite: bool = False) -> LoadedModel:
+  """Reads a `llama`-architecture GGUF file: Q8_0/Q4_0/Q4_1/TQ2_0 tensors as packed QArrays holding the file's own
+  codes and scales (`ggml_blocks.to_qarray`), F32/F16/BF16 and the other supported block types (TQ1_0, Q6_K) as
+  float32. `lowbit_jax.dequantize(loaded.params)` is the float view, bit-identical to gguf-py's dequantization.
+
+  allow_nonfinite: load tensors with NaN or inf values (or QArray scales / offsets) instead of raising.
 
   Everything is validated before anything is returned: architecture, hyperparameters, tokenizer, the exact set of
   tensors, every tensor's type and shape.
 
   Raises:
     FileNotFoundError: when `path` does not exist.
-    CheckpointError: naming `path` and the problem (wrong magic, truncated or corrupted file, architecture other
-      than llama, missing or mis-shaped tensor, unsupported tensor type, tokenizer missing, of an unsupported
-      model or pre-tokenizer type, or invalid; chat template that does not parse).
+    CheckpointError: naming `path` and the problem (wrong magic, truncated or corrupted file or any other header
+      that breaks an invariant of `io/gguf_header.py`, block_count beyond the tensors present, architecture other
+      than llama, missing or mis-shaped tensor, unsupported tensor type, non-finite values (unless
+      `allow_nonfinite`), tokenizer missing, of an unsupported model or pre-tokenizer type, or invalid; chat
+      template that does not parse).
   """
   path = Path(path)
   with path.open("rb") as f:
     magic = f.read(4)
   if magic != b"GGUF":
     raise CheckpointError(path, f"not a GGUF file: magic {magic!r}, expected b'GGUF'")
-  try:
-    reader = gguf.GGUFReader(path, "r")
-    metadata = {name: field.contents() for name, field in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
-  except _PARSE_ERRORS as e:
-    raise CheckpointError(path, f"truncated or corrupted GGUF file ({type(e).__name__}: {e})") from e
-  if reader.byte_order != "I":
-    raise CheckpointError(path, "big-endian GGUF files are not supported")
+  header = read_gguf_header(path)  # every count, length, offset and size checked against the file first
+  metadata = dict(header.metadata)
+  tensors = tensor_views(header)  # what gguf.GGUFReader would give, without its loop per claimed element
 
   arch = metadata.get("general.architecture")
   if arch != "llama":
@@ -99,10 +102,8 @@ def load_gguf(path: str | Path) -> LoadedModel:
     raise CheckpointError(path, f"missing tensors {missing}")
   if extra:
     raise CheckpointError(path, f"unexpected tensors {extra} (not part of a {config.n_layers}-layer llama)")
-  flat = {}
-  for name, (flax_path, transpose) in names.items():
-    array = _dequantize(path, tensors[name])
-    flat[flax_path] = array.T if transpose else array
+  flat = {flax_path: _tensor(path, tensors[name], transpose, allow_nonfinite)
+          for name, (flax_path, transpose) in names.items()}
   return LoadedModel(config=config, params=build_params(path, config, flat), tokenizer=tokenizer,
                      chat_template=chat_template)
 
@@ -144,24 +145,45 @@ def _config(path: Path, metadata: dict[str, Any], vocab_size: int, tensors: dict
       raise CheckpointError(path, f"metadata key llama.{key} is missing")
     return value
 
-  n_heads = int(get("attention.head_count"))
-  dim = int(get("embedding_length"))
+  def count(key: str, default: int | None = None) -> int:
+    value = get(key, default)
+    if type(value) is not int:  # noqa: E721 -- bool is an int subclass, and not a count
+      raise CheckpointError(path, f"metadata key llama.{key}: an integer, got {type(value).__name__} {value!r}")
+    return value
+
+  def real(key: str, default: float | None = None) -> float:
+    value = get(key, default)
+    if type(value) not in (int, float) or not abs(value) <= _F32_MAX:  # also False for NaN
+      raise CheckpointError(path, f"metadata key llama.{key}: a finite float32, got {type(value).__name__} "
+                                  f"{value!r}")
+    return _f32_to_float(value)
+
+  n_heads = count("attention.head_count")
+  dim = count("embedding_length")
   rope_dims = metadata.get("llama.rope.dimension_count")
   if rope_dims is not None and n_heads > 0 and rope_dims != dim // n_heads:
     raise CheckpointError(path, f"partial RoPE (llama.rope.dimension_count {rope_dims} != head_dim "
                                 f"{dim // n_heads}) is not supported")
+  n_layers = count("block_count")
+  if n_layers * len(_LAYER_TENSORS) > len(tensors):  # bounds the per-layer names load_gguf builds next
+    raise CheckpointError(path, f"metadata key llama.block_count: at most {len(tensors) // len(_LAYER_TENSORS)} "
+                                f"layers ({len(_LAYER_TENSORS)} tensors each) for the {len(tensors)} tensors in "
+                                f"the file, got {n_layers}")
   return LlamaConfig(
       dim=dim,
-      n_layers=int(get("block_count")),
+      n_layers=n_layers,
       n_heads=n_heads,
-      n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+      n_kv_heads=count("attention.head_count_kv", n_heads),
       vocab_size=vocab_size,
-      hidden_dim=int(get("feed_forward_length")),
-      norm_eps=_f32_to_float(get("attention.layer_norm_rms_epsilon")),
-      rope_theta=_f32_to_float(get("rope.freq_base", 10000.0)),
-      max_seq_len=int(get("context_length")),
+      hidden_dim=count("feed_forward_length"),
+      norm_eps=real("attention.layer_norm_rms_epsilon"),
+      rope_theta=real("rope.freq_base", 10000.0),
+      max_seq_len=count("context_length"),
       tie_embeddings=_is_tied(tensors),
   )
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _f32_to_float(value: float) -> float:
@@ -178,47 +200,34 @@ def _is_tied(tensors: dict[str, Any]) -> bool:
           and np.array_equal(out.data.view(np.uint8), emb.data.view(np.uint8)))
 
 
-def _dequantize(path: Path, tensor: Any) -> np.ndarray:
-  """A reader tensor as a float32 array of numpy shape reversed(GGUF shape)."""
-  shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+def _tensor(path: Path, tensor: Any, transpose: bool, allow_nonfinite: bool) -> np.ndarray | QArray:
+  """A reader tensor as its parameter leaf: a packed QArray when its block type maps onto one
+  (`ggml_blocks.to_qarray`), else float32; a Linear weight (out, in) transposed to the Flax kernel (in, out)."""
+  shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # numpy order
   kind, raw = tensor.tensor_type, np.asarray(tensor.data)
-  if kind == _T.F32:
-    out = raw.astype(np.float32)
-  elif kind == _T.F16:
-    out = raw.astype(np.float32)
-  elif kind in _BLOCK_DECODERS:
-    block, nbytes = gguf.GGML_QUANT_SIZES[kind]
-    if shape[-1] % block:
-      raise CheckpointError(path, f"tensor {tensor.name}: rows of {shape[-1]} are not whole {kind.name} blocks")
-    blocks = raw.reshape(-1, nbytes)
-    out = _BLOCK_DECODERS[kind](blocks).reshape(shape)
-  else:
-    raise CheckpointError(path, f"tensor {tensor.name} has type {kind.name}; supported: F32, F16, BF16, Q8_0, "
-                                "Q4_0, Q4_1")
-  if out.shape != shape:
-    raise CheckpointError(path, f"tensor {tensor.name}: data of shape {out.shape} for GGUF shape {shape[::-1]}")
-  return out
+  if kind not in ggml_blocks.KINDS:
+    raise CheckpointError(path, f"tensor {tensor.name} has type {getattr(kind, 'name', kind)}; supported: "
+                                f"{', '.join(k.name for k in ggml_blocks.KINDS)}")
+  try:
+    leaf = ggml_blocks.to_qarray(raw, kind, shape, transpose=transpose)
+    if leaf is None:
+      leaf = ggml_blocks.dequantize(raw, kind, shape)
+      leaf = leaf.T if transpose else leaf
+  except ValueError as e:
+    raise CheckpointError(path, f"tensor {tensor.name} (GGUF shape {list(shape[::-1])}): {e}") from e
+  if not allow_nonfinite:
+    _check_finite(path, tensor.name, leaf)
+  return leaf
 
 
-def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-  """The little-endian float16 at byte `start` of every block, as float32 of shape (n_blocks, 1)."""
-  return np.ascontiguousarray(blocks[:, start:start + 2]).view("<f2").astype(np.float32)
-
-
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-  """(n, 16) bytes -> (n, 32) values 0..15: the low nibbles (elements 0..15), then the high nibbles (16..31)."""
-  return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
-
-
-def _bf16(blocks: np.ndarray) -> np.ndarray:
-  """bfloat16 is the top half of a float32: widen each little-endian uint16 by 16 zero bits."""
-  halves = np.ascontiguousarray(blocks).view("<u2").astype(np.uint32)
-  return (halves << np.uint32(16)).view(np.float32)
-
-
-_BLOCK_DECODERS = {
-    _T.BF16: _bf16,
-    _T.Q8_0: lambda b: _f16(b, 0) * np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32),
-    _T.Q4_0: lambda b: _f16(b, 0) * (_nibbles(b[:, 2:]) - np.float32(8)),
-    _T.Q4_1: lambda b: _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2),
-}
+def _check_finite(path: Path, name: str, leaf: np.ndarray | QArray) -> None:
+  """Raises CheckpointError unless every value of `leaf` is finite (a QArray's are iff its scales and offsets are:
+  codes are small integers and every decoded product is exact)."""
+  parts = {"values": leaf} if not isinstance(leaf, QArray) else {"scales": leaf.scale, "offsets": leaf.zero}
+  for what, a in parts.items():
+    if a is None:
+      continue
+    bad = int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
+    if bad:
+      raise CheckpointError(path, f"tensor {name} has {bad} non-finite (NaN or inf) {what}; pass "
+                                  "allow_nonfinite=True to load it anyway")

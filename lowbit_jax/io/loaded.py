@@ -1,9 +1,11 @@
 """What every checkpoint loader returns, and the one error every loader raises.
 
 Invariants of a `LoadedModel` (checked by the loaders before they return, never half-built):
-  * `params` follows the layout of `lowbit_jax.models.llama` exactly: a nested dict of C-contiguous numpy float32
-    arrays that own their memory (no views of a file buffer or of each other) and whose shapes match `config`;
-    `output/kernel` is present iff `config.tie_embeddings` is False.
+  * `params` follows the layout of `lowbit_jax.models.llama` exactly: a nested dict whose leaves are numpy float32
+    arrays or packed `QArray`s (a quantized checkpoint's own codes and scales, e.g. GGUF Q4_1), with the logical
+    shapes of `config`; every numpy array (a QArray's codes and scales included) is C-contiguous and owns its memory
+    (no views of a file buffer or of each other). `output/kernel` is present iff
+    `config.tie_embeddings` is False. `lowbit_jax.dequantize(params)` is the all-float32 view.
   * `config.vocab_size == tokenizer.vocab_size`.
 """
 from __future__ import annotations
@@ -12,9 +14,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import jax
 import numpy as np
 
 from lowbit_jax.models.llama import LlamaConfig
+from lowbit_jax.qarray import QArray
 
 if TYPE_CHECKING:
   from lowbit_jax.io.chat import ChatTemplate
@@ -54,8 +58,8 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoadedModel:
-  """A Llama checkpoint read from disk: its config, its parameters (Flax layout, float32), its tokenizer and, when
-  the file has one, its chat template."""
+  """A Llama checkpoint read from disk: its config, its parameters (Flax layout; float32 or packed QArrays), its
+  tokenizer and, when the file has one, its chat template."""
   config: LlamaConfig
   params: Params = dataclasses.field(repr=False)
   tokenizer: TextTokenizer
@@ -113,8 +117,9 @@ def validate_config(path: object, config: LlamaConfig) -> None:
         path, f"dim {config.dim}, n_heads {config.n_heads} and n_kv_heads {config.n_kv_heads} do not divide evenly")
 
 
-def build_params(path: object, config: LlamaConfig, flat: dict[str, np.ndarray]) -> Params:
-  """Checks `flat` holds exactly the leaves of `config` with the right shapes, then nests it as owned float32.
+def build_params(path: object, config: LlamaConfig, flat: dict[str, np.ndarray | QArray]) -> Params:
+  """Checks `flat` holds exactly the leaves of `config` with the right (logical) shapes, then nests it: arrays as
+  owned float32, QArrays with owned numpy leaves.
 
   Arrays that are views (transposes, slices of a file buffer) are copied; fresh arrays are used as they are.
 
@@ -129,4 +134,15 @@ def build_params(path: object, config: LlamaConfig, flat: dict[str, np.ndarray])
   for key, shape in shapes.items():
     if flat[key].shape != shape:
       raise CheckpointError(path, f"parameter {key} has shape {flat[key].shape}, expected {shape}")
-  return nest({k: np.require(flat[k], np.float32, ["C_CONTIGUOUS", "OWNDATA", "WRITEABLE"]) for k in shapes})
+  return nest({k: _owned(flat[k]) for k in shapes})
+
+
+def _owned(leaf: np.ndarray | QArray) -> np.ndarray | QArray:
+  """A float array as owned C-contiguous float32; a QArray with every leaf an owned C-contiguous numpy array of its
+  own dtype."""
+  if isinstance(leaf, QArray):
+    return jax.tree.map(lambda a: np.require(a, None, _OWNED), leaf)
+  return np.require(leaf, np.float32, _OWNED)
+
+
+_OWNED = ["C_CONTIGUOUS", "OWNDATA", "WRITEABLE"]

@@ -31,8 +31,17 @@ from lowbit_jax.io.loaded import CheckpointError
 from lowbit_jax.io.pair_merge import merge_pairs
 
 SPACE = "\u2581"
-_GGUF_TOKEN_TYPE_BYTE = 6  # llama.cpp's LLAMA_TOKEN_TYPE_BYTE
+# llama.cpp's token types (LLAMA_TOKEN_TYPE_*), as GGUF `tokenizer.ggml.token_type` stores them
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_BYTE = 1, 2, 3, 6
+_NO_TOKEN = (-1, 0xFFFFFFFF)  # llama.cpp's "no such token" id
 _LLAMA2C_BOS, _LLAMA2C_EOS = "\n<s>\n", "\n</s>\n"
+
+
+def padding_id(metadata: Mapping[str, Any], n_tokens: int) -> int | None:
+  """`tokenizer.ggml.padding_token_id`, or None when it is absent, llama.cpp's "no such token", or not an id of
+  the vocabulary (llama.cpp then warns "bad special token" and keeps its default; nothing here pads)."""
+  pad = metadata.get("tokenizer.ggml.padding_token_id")
+  return pad if type(pad) is int and 0 <= pad < n_tokens else None  # noqa: E721 -- not a bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +50,20 @@ class Tokenizer:
 
   * `len(pieces) == len(scores)`, pieces are unique;
   * the byte-fallback pieces "<0x00>".."<0xFF>" sit at 256 consecutive ids starting at `byte_offset`;
-  * `bos_id`, `eos_id` (and `unk_id` unless None) are valid ids.
+  * `bos_id`, `eos_id` (and `unk_id`, `pad_id` unless None) are valid ids;
+  * `token_types`, when given, has one GGUF token type per piece and marks exactly the byte-fallback pieces BYTE.
+
+  `token_types` (GGUF `tokenizer.ggml.token_type`) does not change encoding or decoding, so it is not compared; it
+  is kept so that `to_gguf_metadata` writes back what the file had. None: the types llama.cpp's converters give a
+  SentencePiece vocabulary (`default_token_types`).
   """
   pieces: tuple[str, ...] = dataclasses.field(repr=False)
   scores: tuple[float, ...] = dataclasses.field(repr=False)  # float32 values as Python floats: == compares them
   bos_id: int
   eos_id: int
   unk_id: int | None = None
+  pad_id: int | None = None
+  token_types: tuple[int, ...] | None = dataclasses.field(default=None, repr=False, compare=False)
   _ids: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
   _merges: dict[tuple[int, int], tuple[float, int]] = dataclasses.field(init=False, repr=False, compare=False)
   byte_offset: int = dataclasses.field(init=False, compare=False)
@@ -59,13 +75,18 @@ class Tokenizer:
     ids = {piece: i for i, piece in enumerate(self.pieces)}
     if len(ids) != n:
       raise ValueError("tokenizer pieces are not unique")
-    for name in ("bos_id", "eos_id", "unk_id"):
+    for name in ("bos_id", "eos_id", "unk_id", "pad_id"):
       value = getattr(self, name)
       if value is not None and not 0 <= value < n:
         raise ValueError(f"{name} {value} is not an id of a {n}-piece vocabulary")
     offset = ids.get("<0x00>")
     if offset is None or self.pieces[offset:offset + 256] != tuple(f"<0x{b:02X}>" for b in range(256)):
       raise ValueError("the byte-fallback pieces <0x00>..<0xFF> are missing or not at consecutive ids")
+    if self.token_types is not None:
+      byte_ids = np.flatnonzero(np.asarray(self.token_types) == TOKEN_TYPE_BYTE)
+      if len(self.token_types) != n or not np.array_equal(byte_ids, offset + np.arange(256)):
+        raise ValueError("token_types (GGUF tokenizer.ggml.token_type) are not one per piece, or disagree with the "
+                         "byte-fallback pieces <0x00>..<0xFF>")
     # Every way of writing a piece as the concatenation of two pieces: (left, right) -> (-score, merged id), the
     # priority `merge_pairs` merges lowest first (so the best score first).
     merges: dict[tuple[int, int], tuple[float, int]] = {}
@@ -113,15 +134,41 @@ class Tokenizer:
     if missing:
       raise CheckpointError(path, f"tokenizer metadata lacks {missing}")
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
-    unk = None if unk in (-1, 0xFFFFFFFF) else unk  # llama.cpp's "no such token"
-    tokenizer = cls._checked(path, pieces, scores, metadata["tokenizer.ggml.bos_token_id"],
-                             metadata["tokenizer.ggml.eos_token_id"], unk)
     types = metadata.get("tokenizer.ggml.token_type")
-    if types is not None:
-      byte_ids = np.flatnonzero(np.asarray(types) == _GGUF_TOKEN_TYPE_BYTE)
-      if len(types) != len(pieces) or not np.array_equal(byte_ids, tokenizer.byte_offset + np.arange(256)):
-        raise CheckpointError(path, "tokenizer.ggml.token_type disagrees with the byte-fallback pieces <0x00>..<0xFF>")
-    return tokenizer
+    return cls._checked(path, pieces, scores, metadata["tokenizer.ggml.bos_token_id"],
+                        metadata["tokenizer.ggml.eos_token_id"], None if unk in _NO_TOKEN else unk,
+                        pad=padding_id(metadata, len(pieces)), types=types)
+
+  def default_token_types(self) -> tuple[int, ...]:
+    """The GGUF token types llama.cpp's converters give a SentencePiece vocabulary: UNKNOWN for `unk_id`, CONTROL
+    for BOS and EOS, BYTE for <0x00>..<0xFF>, NORMAL otherwise."""
+    types = [TOKEN_TYPE_NORMAL] * self.vocab_size
+    types[self.byte_offset:self.byte_offset + 256] = [TOKEN_TYPE_BYTE] * 256
+    types[self.bos_id] = types[self.eos_id] = TOKEN_TYPE_CONTROL
+    if self.unk_id is not None:
+      types[self.unk_id] = TOKEN_TYPE_UNKNOWN
+    return tuple(types)
+
+  def to_gguf_metadata(self) -> dict[str, Any]:
+    """The GGUF `tokenizer.ggml.*` metadata of this vocabulary (plain Python values), the inverse of
+    `from_gguf_metadata`: `Tokenizer.from_gguf_metadata(t.to_gguf_metadata(), path=...) == t`. Also states what
+    llama.cpp would otherwise assume for the `llama` vocabulary: BOS added, a space prefixed (`encode` does both)."""
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": list(self.pieces),
+        "tokenizer.ggml.scores": list(self.scores),
+        "tokenizer.ggml.token_type": list(self.token_types or self.default_token_types()),
+        "tokenizer.ggml.bos_token_id": self.bos_id,
+        "tokenizer.ggml.eos_token_id": self.eos_id,
+        "tokenizer.ggml.add_bos_token": self.add_bos,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": True,
+    }
+    if self.unk_id is not None:
+      meta["tokenizer.ggml.unknown_token_id"] = self.unk_id
+    if self.pad_id is not None:
+      meta["tokenizer.ggml.padding_token_id"] = self.pad_id
+    return meta
 
   @classmethod
   def from_llama2c(cls, path: str | Path, vocab_size: int) -> "Tokenizer":
@@ -166,13 +213,15 @@ class Tokenizer:
 
   @classmethod
   def _checked(cls, path: object, pieces: Sequence[str], scores: Sequence[float], bos: int, eos: int,
-               unk: int | None) -> "Tokenizer":
+               unk: int | None, *, pad: int | None = None, types: Sequence[int] | None = None) -> "Tokenizer":
     """The constructor, with its ValueError turned into a CheckpointError naming `path`."""
     scores32 = np.asarray(scores, dtype=np.float32)
     if not np.all(np.isfinite(scores32)):
       raise CheckpointError(path, "tokenizer scores are not all finite")
     try:
-      return cls(tuple(pieces), tuple(scores32.tolist()), int(bos), int(eos), None if unk is None else int(unk))
+      return cls(tuple(pieces), tuple(scores32.tolist()), int(bos), int(eos), None if unk is None else int(unk),
+                 pad_id=None if pad is None else int(pad),
+                 token_types=None if types is None else tuple(int(t) for t in types))
     except ValueError as e:
       raise CheckpointError(path, f"invalid tokenizer: {e}") from e
 

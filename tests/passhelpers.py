@@ -1,6 +1,8 @@
 """Small models and helpers shared by the tests of `lowbit_jax.passes`."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,19 @@ def is_q(x) -> bool:
 def dequantized(tree):
   """The float tree a quantized tree stands for (jitted: one compile instead of many eager unpack ops)."""
   return jax.tree.map(lambda l: l.dequantize() if is_q(l) else l, tree, is_leaf=is_q)
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_jit(apply):
+  """`jax.jit(lb.quantized(apply))`, one per apply function, so that quantized trees of one structure trace and
+  compile once (jax shares `jax.jit(apply)` of one function the same way)."""
+  return jax.jit(lb.quantized(apply))
+
+
+def quantized_kl(apply, params, qparams, tokens) -> float:
+  """Mean KL(float run || packed run of the quantized tree) of `apply` on `tokens`, both jitted."""
+  from lowbit_jax.eval import kl_divergence
+  return float(kl_divergence(jax.jit(apply)(params, tokens), quantized_jit(apply)(qparams, tokens)))
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.1):
@@ -70,9 +85,9 @@ def scan_model_layer_inputs(params, x):
   return {k: [v.reshape(-1, v.shape[-1]) for v in vs] for k, vs in out.items()}
 
 
-def float_buffers(jaxpr) -> list[int]:
-  """Element counts of every float-typed value a jaxpr (or ClosedJaxpr) computes, recursing into the sub-jaxprs
-  of its equations (scan, while, cond branches, pjit, custom_jvp/vjp, remat, ...)."""
+def float_shapes(jaxpr) -> list[tuple[int, ...]]:
+  """Shapes of every float-typed value a jaxpr (or ClosedJaxpr) computes, recursing into the sub-jaxprs of its
+  equations (scan, while, cond branches, pjit, custom_jvp/vjp, remat, ...)."""
   from jax.extend import core as jex
 
   def subs(v):
@@ -85,16 +100,21 @@ def float_buffers(jaxpr) -> list[int]:
         yield from subs(e)
 
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  sizes = []
+  shapes = []
   for eqn in jaxpr.eqns:
     for v in eqn.outvars:
       aval = getattr(v, "aval", None)
       if aval is not None and hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating):
-        sizes.append(int(np.prod(aval.shape, dtype=np.int64)))
+        shapes.append(tuple(aval.shape))
     for p in eqn.params.values():
       for sub in subs(p):
-        sizes.extend(float_buffers(sub))
-  return sizes
+        shapes.extend(float_shapes(sub))
+  return shapes
+
+
+def float_buffers(jaxpr) -> list[int]:
+  """Element counts of every float-typed value a jaxpr computes (`float_shapes`)."""
+  return [int(np.prod(s, dtype=np.int64)) for s in float_shapes(jaxpr)]
 
 
 def max_float_buffer(closed_jaxpr) -> int:

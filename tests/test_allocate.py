@@ -20,7 +20,7 @@ from lowbit_jax.algorithms.registry import ALGORITHMS
 from lowbit_jax.algorithms.smoothquant import W8A8_SPEC
 from lowbit_jax.allocate import Sensitivity, spec_label
 from lowbit_jax.passes import Stat
-from passhelpers import ScanModel, dequantized, is_q, random_like, scan_model_layer_inputs
+from passhelpers import ScanModel, dequantized, is_q, quantized_jit, random_like, scan_model_layer_inputs
 
 D, F, V = 64, 96, 32
 # int4 g64 pads the down-projections' K = 96 to 128: padding must be counted
@@ -289,18 +289,8 @@ def test_str_is_a_table_of_units():
 
 
 @pytest.mark.assets
-def test_kl_weighted_mixed_precision_beats_uniform_at_equal_bytes_on_stories260k():
-  from lowbit_jax.assets import asset_path
-  from lowbit_jax.io.gguf import load_gguf
-  from lowbit_jax.models.llama import Llama
-  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
-  model = Llama(m.config)
-  apply = lambda p, t: model.apply({"params": p}, t)
-  train = asset_path("tinystories/tinystories_train_first2MiB.txt").read_text()[:60_000]
-  val = asset_path("tinystories/tinystories_val_part1.txt").read_text()[:30_000]
-  ids = np.asarray(m.tokenizer.encode(train))[:8 * 128].reshape(8, 128)
-  held = jnp.asarray(np.asarray(m.tokenizer.encode(val))[:4 * 128].reshape(4, 128))
-  calib = lb.calibrate(apply, m.params, [jnp.asarray(ids[i:i + 2]) for i in range(0, 8, 2)])
+def test_kl_weighted_mixed_precision_beats_uniform_at_equal_bytes_on_stories260k(stories260k, stories260k_calib):
+  m, apply, held, calib = stories260k.loaded, stories260k.apply, stories260k.held, stories260k_calib
   cands = (lb.int_spec(2, group_size=32), lb.int_spec(3, group_size=64), lb.int_spec(3, group_size=32),
            lb.int_spec(4, group_size=64), lb.int_spec(8))
   base = lb.allocate(m.params, calib, 32.0, cands)
@@ -311,7 +301,6 @@ def test_kl_weighted_mixed_precision_beats_uniform_at_equal_bytes_on_stories260k
   mixed = mixed_alloc.apply(lb.rtn, m.params, calib)
   assert _chosen_bits(mixed, mixed_alloc) <= _chosen_bits(uniform, mixed_alloc) == _uniform_bits(base, c)
   assert len(set(mixed_alloc.choice)) > 1
-  ref = apply(m.params, held)
-  kl = {k: float(core.mean_kl(ref, jax.jit(lb.quantized(apply))(t, held))) for k, t in
-        (("uniform", uniform), ("mixed", mixed))}
+  ref = jax.jit(apply)(m.params, held)
+  kl = {k: float(core.mean_kl(ref, quantized_jit(apply)(t, held))) for k, t in (("uniform", uniform), ("mixed", mixed))}
   assert kl["mixed"] < kl["uniform"], kl

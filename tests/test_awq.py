@@ -2,7 +2,6 @@
 runs quantized through the passes (jit), handles scanned stacks and (out, in) weights, shares one scale between
 weights fed by the same input, and rejects bad inputs naming the key path without touching the input params."""
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -11,66 +10,40 @@ import numpy as np
 import pytest
 
 import lowbit_jax as lb
-from lowbit_jax import eval as lbeval
 from lowbit_jax.algorithms import common
 from lowbit_jax.algorithms.awq import awq
-from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, stack_layers
+from passhelpers import quantized_jit, quantized_kl
 
 
-@functools.lru_cache(maxsize=None)
-def _model():
-  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
-  train = asset_path("tinystories/tinystories_train_first2MiB.txt").read_text()[:60_000]
-  val = asset_path("tinystories/tinystories_val_part1.txt").read_text()[:30_000]
-  ids = np.asarray(m.tokenizer.encode(train))[: 8 * 128].reshape(8, 128)
-  held = np.asarray(m.tokenizer.encode(val))[: 4 * 128].reshape(4, 128)
-  model = Llama(m.config)
-  apply = lambda p, t: model.apply({"params": p}, t)
-  batches = [jnp.asarray(ids[i:i + 2]) for i in range(0, 8, 2)]
-  return m, apply, batches, jnp.asarray(held), lb.calibrate(apply, m.params, batches)
-
-
-@functools.lru_cache(maxsize=None)
-def _awq4():
-  m, _, _, _, calib = _model()
-  return awq(m.params, calib, lb.int_spec(4, group_size=32), fold=False)   # in_scale everywhere: the grouping shows
-
-
-@functools.lru_cache(maxsize=None)
-def _kl_rtn4():
-  m, apply, _, held, _ = _model()
-  return _kl(apply, m.params, lb.rtn(m.params, None, lb.int_spec(4, group_size=32)), held)
-
-
-def _kl(apply, fp_params, qparams, tokens):
-  out = jax.jit(lb.quantized(apply))(qparams, tokens)
-  return float(lbeval.kl_divergence(apply(fp_params, tokens), out))
+@pytest.fixture(scope="module")
+def kl_rtn4(stories260k):
+  """The KL to fp32 of RTN int4 g32 on the held-out tokens: the error AWQ must beat."""
+  s = stories260k
+  return quantized_kl(s.apply, s.params, lb.rtn(s.params, None, lb.int_spec(4, group_size=32)), s.held)
 
 
 def _host(tree):
   return jax.tree.map(np.array, tree)
 
 
-def test_awq_beats_rtn_on_the_real_model():
-  m, apply, _, held, _ = _model()
-  before = _host(m.params)
-  q = _awq4()
-  kl_awq = _kl(apply, m.params, q, held)
-  kl_rtn = _kl_rtn4()
-  assert 0 < kl_awq < 0.85 * kl_rtn, (kl_awq, kl_rtn)
+def test_awq_beats_rtn_on_the_real_model(stories260k, stories260k_awq4, kl_rtn4):
+  s = stories260k
+  before = _host(s.params)
+  q = stories260k_awq4   # in_scale everywhere: the grouping shows
+  kl_awq = quantized_kl(s.apply, s.params, q, s.held)
+  assert 0 < kl_awq < 0.85 * kl_rtn4, (kl_awq, kl_rtn4)
   wq = q["layers_0"]["attention"]["wq"]["kernel"]
   assert isinstance(wq, lb.QArray) and wq.in_scale.shape == (64, 1) and wq.dtype == np.float32
   assert not isinstance(q["tok_embeddings"]["embedding"], lb.QArray)
-  jax.tree.map(np.testing.assert_array_equal, _host(m.params), before)                   # input untouched
+  jax.tree.map(np.testing.assert_array_equal, _host(s.params), before)                   # input untouched
   # the QArray stands for the (clipped) float weight: x @ W ≈ (x / s) @ Q(s ⊙ W)
-  w = np.asarray(m.params["layers_0"]["attention"]["wq"]["kernel"])
+  w = np.asarray(s.params["layers_0"]["attention"]["wq"]["kernel"])
   assert np.abs(np.asarray(wq.dequantize()) - w).max() < 0.5 * np.abs(w).max()
 
 
-def test_one_scale_per_input():
-  q = _awq4()
+def test_one_scale_per_input(stories260k, stories260k_calib, stories260k_awq4):
+  q = stories260k_awq4
   for i in range(5):
     att, ffn = q[f"layers_{i}"]["attention"], q[f"layers_{i}"]["feed_forward"]
     s_q = np.asarray(att["wq"]["kernel"].in_scale)
@@ -80,24 +53,23 @@ def test_one_scale_per_input():
                                   np.asarray(ffn["w1"]["kernel"].in_scale))
     assert not np.array_equal(np.asarray(att["wo"]["kernel"].in_scale), s_q)             # other inputs
     assert not np.array_equal(np.asarray(ffn["w1"]["kernel"].in_scale), s_q)
-  m, _, _, _, calib = _model()
-  targets = common.calibrated_leaves(m.params, calib, r"layers_1/.*kernel", "awq")
+  targets = common.calibrated_leaves(stories260k.params, stories260k_calib, r"layers_1/.*kernel", "awq")
   names = [[t.path[-2].key for t in g] for g in common.input_groups(targets)]
   assert names == [["wq", "wk", "wv"], ["wo"], ["w1", "w3"], ["w2"]]       # from the trace's input ids
 
 
-def test_scanned_stack():
-  m, _, batches, held, _ = _model()
+def test_scanned_stack(stories260k, kl_rtn4):
+  m = stories260k.loaded
   model = Llama(m.config, scan_layers=True)
   apply = lambda p, t: model.apply({"params": p}, t)
   params = stack_layers(m.params, m.config.n_layers)
-  calib = lb.calibrate(apply, params, batches[:2])
+  calib = lb.calibrate(apply, params, stories260k.batches[:2])
   q = awq(params, calib, lb.int_spec(4, group_size=32), fold=False)
   wq, wk = q["layers"]["attention"]["wq"]["kernel"], q["layers"]["attention"]["wk"]["kernel"]
   assert isinstance(wq, lb.QArray) and wq.shape == (5, 64, 64) and wq.in_scale.shape == (5, 64, 1)
   np.testing.assert_array_equal(np.asarray(wk.in_scale), np.asarray(wq.in_scale))
   assert not np.array_equal(np.asarray(wq.in_scale[0]), np.asarray(wq.in_scale[1]))     # one s per layer
-  assert _kl(apply, params, q, held) < 0.85 * _kl_rtn4()                                    # same function
+  assert quantized_kl(apply, params, q, stories260k.held) < 0.85 * kl_rtn4      # the same function as unrolled
 
 
 class _Toy(nn.Module):
@@ -134,9 +106,9 @@ def test_any_linen_model_and_out_in_weights():
   ref = apply(params, x)
   deq = jax.tree.map(lambda l: l.dequantize() if isinstance(l, lb.QArray) else l, q,
                      is_leaf=lambda l: isinstance(l, lb.QArray))
-  out = jax.jit(lb.quantized(apply))(q, x)
+  out = quantized_jit(apply)(q, x)
   np.testing.assert_allclose(out, apply(deq, x), rtol=1e-3, atol=1e-3)
-  rtn = jax.jit(lb.quantized(apply))(lb.rtn(params, calib, lb.int_spec(4, group_size=32)), x)   # traced axes
+  rtn = quantized_jit(apply)(lb.rtn(params, calib, lb.int_spec(4, group_size=32)), x)   # traced axes
   assert float(jnp.mean((out - ref) ** 2)) < float(jnp.mean((rtn - ref) ** 2))
 
 

@@ -9,7 +9,8 @@ from jax.sharding import Mesh
 
 import lowbit_jax as lb
 from lowbit_jax.spec import Format
-from qhelpers import REGISTRY, expected_nbytes, tol
+from passhelpers import dequantized
+from qhelpers import REGISTRY, expected_nbytes, quantize, tol
 
 NAMES = sorted(REGISTRY)
 
@@ -50,8 +51,7 @@ def test_tree_structure_dtypes_and_bytes(name, dtype):
   q = lb.rtn(params, None, spec)
   assert isinstance(q["block"]["dense"]["kernel"], lb.QArray)
   assert not isinstance(q["embed"]["embedding"], lb.QArray)
-  deq = jax.tree.map(lambda l: l.dequantize() if isinstance(l, lb.QArray) else l, q,
-                     is_leaf=lambda l: isinstance(l, lb.QArray))
+  deq = dequantized(q)
   assert jax.tree.structure(deq) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(deq), jax.tree.leaves(params)):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -73,8 +73,8 @@ def test_orbax_round_trip_is_exact(name, tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(q)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(restored["block"]["dense"]["kernel"].dequantize(),
-                                q["block"]["dense"]["kernel"].dequantize())
+  np.testing.assert_array_equal(dequantized(restored["block"]["dense"]["kernel"]),
+                                dequantized(q["block"]["dense"]["kernel"]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -82,14 +82,14 @@ def test_named_sharding_along_output_dim(name):
   assert len(jax.devices()) == 8, "conftest must force 8 host devices"
   spec = REGISTRY[name]
   w = jax.random.normal(jax.random.PRNGKey(2), (128, 64))
-  q = lb.quantize(w, spec)
+  q = quantize(w, spec)
   mesh = Mesh(np.array(jax.devices()), ("model",))
   sq = jax.device_put(q, lb.qarray_sharding(q, mesh, "model"))
   assert len(sq.codes.sharding.device_set) == 8
   assert sq.codes.addressable_shards[0].data.shape[-1] == 64 // 8
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 128))
   out = jax.jit(lambda x, q: x @ q.dequantize())(x, sq)
-  np.testing.assert_allclose(out, x @ q.dequantize(), **tol(jnp.float32))
+  np.testing.assert_allclose(out, x @ dequantized(q), **tol(jnp.float32))
   assert len(out.sharding.device_set) == 8
 
 
@@ -97,14 +97,16 @@ def test_named_sharding_along_output_dim(name):
 def test_vmap_over_stacked_layers(name):
   spec = REGISTRY[name]
   stack = jax.random.normal(jax.random.PRNGKey(4), (3, 64, 32))      # (layers, in, out)
-  q = lb.quantize(stack, spec)
+  q = quantize(stack, spec)
   assert q.shape == stack.shape
-  per_layer = jax.vmap(lambda l: l.dequantize())(q)
-  np.testing.assert_allclose(per_layer, q.dequantize(), **tol(jnp.float32))
-  _, scanned = jax.lax.scan(lambda c, l: (c, l.dequantize()), None, q)   # what nn.scan does to params
-  np.testing.assert_allclose(scanned, q.dequantize(), **tol(jnp.float32))
-  vq = jax.vmap(lambda l: lb.quantize(l, spec))(stack)   # stack axes get their own scales, as per layer
-  np.testing.assert_allclose(vq.dequantize(), q.dequantize(), **tol(jnp.float32))
+  whole = dequantized(q)
+  per_layer = jax.jit(jax.vmap(lambda l: l.dequantize()))(q)
+  np.testing.assert_allclose(per_layer, whole, **tol(jnp.float32))
+  scan = jax.jit(lambda q: jax.lax.scan(lambda c, l: (c, l.dequantize()), None, q))   # what nn.scan does to params
+  _, scanned = scan(q)
+  np.testing.assert_allclose(scanned, whole, **tol(jnp.float32))
+  vq = jax.jit(jax.vmap(lambda l: lb.quantize(l, spec)))(stack)   # stack axes get their own scales, as per layer
+  np.testing.assert_allclose(dequantized(vq), whole, **tol(jnp.float32))
 
 
 @pytest.mark.parametrize("name", ["int4_g32", "nf4_dq", "fp8_e4m3_tensor", "int3_channel_asym"])
@@ -114,5 +116,5 @@ def test_pmap_over_8_devices(name):
   q = jax.pmap(lambda w: lb.quantize(w, spec))(stack)
   x = jax.random.normal(jax.random.PRNGKey(6), (8, 2, 64))
   out = jax.pmap(lambda q, x: x @ q.dequantize())(q, x)
-  ref = jnp.stack([x[i] @ lb.quantize(stack[i], spec).dequantize() for i in range(8)])
+  ref = jnp.stack([x[i] @ dequantized(quantize(stack[i], spec)) for i in range(8)])
   np.testing.assert_allclose(out, ref, **tol(jnp.float32))

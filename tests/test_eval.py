@@ -10,7 +10,6 @@ import pytest
 
 from lowbit_jax.assets import asset_path
 from lowbit_jax.eval import (generate_greedy, kl_divergence, perplexity, token_kl_divergence, top1_agreement)
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, LlamaConfig
 
 VOCAB = 7
@@ -137,11 +136,11 @@ def test_generate_greedy_rejects_bad_input() -> None:
     generate_greedy(SMALL, params, [1, 2], max_new_tokens=32)
 
 
-def test_stories260k_greedy_reproduces_documented_output() -> None:
+def test_stories260k_greedy_reproduces_documented_output(stories260k) -> None:
   """llama2.c `run stories260K.bin -z tok512.bin -t 0.0` prints 256 greedy tokens after BOS (its default 256 steps):
   our first 256 tokens decode to exactly that text and equal its encoding. Decoding on, the model emits BOS a
   little later (at step ~345), where run.c -- and we, with stop_token -- stop."""
-  loaded = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+  loaded = stories260k.loaded
   tok = loaded.tokenizer
   md = asset_path("stories260K_gguf/stories260K.md").read_text(encoding="utf-8")
   documented = md.split("-t 0.0\n", 1)[1].split("```", 1)[0].rstrip("\n")

@@ -16,7 +16,6 @@ from lowbit_jax.algorithms.smoothquant import smoothquant
 from lowbit_jax.models.llama import Llama, LlamaConfig
 from lowbit_jax.passes.fold import fold, fold_scales, fold_targets, group_target
 from passhelpers import assert_close, dequantized, random_like
-from test_awq import _awq4, _model
 
 CFG = LlamaConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=32, hidden_dim=24, tie_embeddings=False)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 8)), jnp.int32)
@@ -131,10 +130,10 @@ def test_fold_scales_rejects_bad_scales_naming_the_path():
     fold_scales(params, {"params['nope']": jnp.ones((16,))})
 
 
-def test_awq_folds_into_norms_on_the_real_model():
-  m, apply, _, held, calib = _model()
+def test_awq_folds_into_norms_on_the_real_model(stories260k, stories260k_calib, stories260k_awq4):
+  m, apply, held, calib = stories260k.loaded, stories260k.apply, stories260k.held, stories260k_calib
   q = awq(m.params, calib, lb.int_spec(4, group_size=32), fold=True)
-  ref = _awq4()
+  ref = stories260k_awq4
   for i in range(m.config.n_layers):
     layer, before = q[f"layers_{i}"], m.params[f"layers_{i}"]
     for mod, names in (("attention", ("wq", "wk", "wv")), ("feed_forward", ("w1", "w3"))):

@@ -3,6 +3,7 @@
 `HYPOTHESIS_PROFILE=thorough pytest tests/test_formats.py` runs 10,000 examples per property.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +13,16 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lowbit_jax as lb
-from qhelpers import REGISTRY, error_bound, expected_nbytes
+from lowbit_jax.formats import PACKED, packing
+from qhelpers import REGISTRY, error_bound, expected_nbytes, k_pad
 
 SHAPES = [(1, 1), (5, 3), (64, 8), (100, 4), (172, 8), (2, 40, 4)]
 
 
 @functools.lru_cache(maxsize=None)
 def _roundtrip(spec):
+  """jit of x -> (quantize(x, spec), its dequantized value): one compile per spec and shape, where the eager
+  quantizer compiles each of its ops."""
   @jax.jit
   def f(x):
     q = lb.quantize(x, spec)
@@ -63,20 +67,65 @@ def test_error_within_documented_bound_and_bytes_match_formula(name, x):
   _check_bound(x, REGISTRY[name])
 
 
+def _partial_granule(spec) -> tuple[int, int, int]:
+  """(K, t, reps): K rows whose quantization pads its last granule, which holds the last t real rows; `reps` copies
+  of those t rows fill a granule that needs no padding. Grouped: K = 2g + g/4 (a quarter group at the end).
+  Per channel / per tensor: K = 171 (odd, so every packed format pads it), the granule is the whole axis."""
+  if spec.group_size:
+    g = spec.group_size
+    return 2 * g + g // 4, g // 4, 4
+  pm = packing.pack_multiple(spec.bits) if spec.format in PACKED else 1
+  return 171, 171, math.lcm(2, pm)
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_padding_never_changes_a_result(name):
-  """The last partial group of a padded axis gets exactly the scale its real entries alone would get."""
+  """Padding is inert: the real rows of a padded granule dequantize exactly as they do when copies of them fill
+  the granule with no padding at all. Copies change no statistic a format takes (min, max, signed max, absmax,
+  mean |x|, the clip search's best ratio); padding zeros counted as data would (a mean, a float offset's range)."""
   spec = REGISTRY[name]
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((172, 8)).astype(np.float32)
-  full = np.asarray(lb.quantize(x, spec).dequantize())
-  if spec.group_size:   # quantize the tail group by itself: same values
-    start = (172 // spec.group_size) * spec.group_size
-    tail = np.asarray(lb.quantize(x[start:], spec).dequantize())
-    np.testing.assert_allclose(full[start:], tail, rtol=1e-6, atol=0)   # 1-ulp: XLA fuses other shapes differently
-  # appending zero rows that *are* real data is different from padding: the padded quantization of x must
-  # equal the quantization of x itself sliced out of any larger computation, i.e. be deterministic
-  np.testing.assert_array_equal(full, np.asarray(lb.quantize(x, spec).dequantize()))
+  k, t, reps = _partial_granule(spec)
+  x = np.random.default_rng(0).standard_normal((k, 8)).astype(np.float32)
+  q, d = _roundtrip(spec)(x)
+  assert q.k_pad == k_pad(k, spec) and q.nbytes == expected_nbytes(x.shape, spec)
+  assert q.k_pad > k or spec.format not in PACKED or packing.pack_multiple(spec.bits) == 1   # padded if it packs
+  filled, d_filled = _roundtrip(spec)(np.tile(x[k - t:], (reps, 1)))
+  assert filled.k_pad == reps * t                                     # the copies need no padding
+  np.testing.assert_allclose(np.asarray(d)[k - t:], np.asarray(d_filled)[:t],
+                             rtol=1e-6, atol=0)   # 1-ulp: a mean over another count may round differently
+
+
+# Small inputs worked out by hand from each format's rule (formats/*.py docstrings): (spec, x (K, N), the
+# dequantized values, stored bytes).
+EXACT = {
+    # SIGNED_MAX: scale = m / -8 for the signed max m = -0.8, so 0.1; 0.25 / 0.1 = 2.5 -> 2 (ties to even) -> 0.2.
+    # 2 bytes of 4-bit codes + one f32 scale.
+    "int4_signed_max": (lb.int_spec(4, grid=lb.SymGrid.SIGNED_MAX), [[-0.8], [0.1], [0.4], [0.25]],
+                        [[-0.8], [0.1], [0.4], [0.2]], 2 + 4),
+    # INTEGER zero point: range [-1, 2], scale 3 / 3 = 1, zero 1; 0.75 -> 1. 1 byte of codes + f32 scale + u8 zero.
+    "int2_asym": (lb.int_spec(2, symmetric=False), [[-1.0], [0.0], [0.75], [2.0]],
+                  [[-1.0], [0.0], [1.0], [2.0]], 1 + 4 + 1),
+    # FLOAT offset: range [-1, 2], scale 1, offset -1; codes 0, 1, 2, 3. Codes + f32 scale + f32 offset.
+    "int2_float_offset": (lb.int_spec(2, symmetric=False, zero_point=lb.ZeroPoint.FLOAT),
+                          [[-1.0], [0.2], [0.6], [2.0]], [[-1.0], [0.0], [1.0], [2.0]], 1 + 4 + 4),
+    # absmean over the 4 real entries (K = 2 is padded to 4): 1.8 / 4 = 0.45; 1 / 0.45 -> 1, 0.2 / 0.45 -> 0,
+    # 0.6 / 0.45 -> 1. 2 x 4 padded 2-bit codes = 2 bytes + one f32 scale.
+    "ternary_padded": (lb.ternary_spec(), [[1.0, -0.2], [0.0, 0.6]], [[0.45, 0.0], [0.0, 0.45]], 2 + 4),
+    # absmax / 448 = 2 / 448: the codes 448, -224, 112, -56 are E4M3 values, so every x comes back.
+    "fp8_e4m3": (lb.fp8_spec(lb.Format.FP8_E4M3), [[2.0], [-1.0], [0.5], [-0.25]],
+                 [[2.0], [-1.0], [0.5], [-0.25]], 4 + 4),
+    # one block of 64 with absmax 2: +-2 are the levels +-1 of NF4, 0 its exact zero. 32 bytes + f32 scale.
+    "nf4": (lb.nf4_spec(double_quant=False), [[2.0], [-2.0]] + [[0.0]] * 62, [[2.0], [-2.0]] + [[0.0]] * 62,
+            32 + 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_small_inputs_dequantize_to_hand_computed_values(name):
+  spec, x, want, nbytes = EXACT[name]
+  q, d = _roundtrip(spec)(np.asarray(x, np.float32))
+  np.testing.assert_allclose(np.asarray(d), np.asarray(want, np.float32), rtol=1e-6, atol=1e-7)
+  assert q.nbytes == nbytes
 
 
 def test_strict_raises_instead_of_padding():
@@ -116,8 +165,8 @@ def test_fp8_saturates_and_never_makes_nan():
 def test_constant_and_zero_blocks(name):
   spec = REGISTRY[name]
   for x in (np.zeros((64, 4), np.float32), np.full((64, 4), -0.5, np.float32)):
-    q = lb.quantize(x, spec)
-    d = np.asarray(q.dequantize())
+    q, d = _roundtrip(spec)(x)
+    d = np.asarray(d)
     assert np.all(np.isfinite(d))
     assert np.all(np.abs(d - x) <= error_bound(x, q))
 
@@ -134,7 +183,7 @@ def test_float16_scales_and_offsets_beyond_range_clip_instead_of_nan(name):
   (found by the property above: an offset of -1.3e5 stored as -inf)."""
   x = np.random.default_rng(3).standard_normal((64, 8)).astype(np.float32) * np.float32(4e4)
   x[5, 2], x[40, 3] = -1.3e5, 2.1e5
-  q = lb.quantize(x, REGISTRY[name])
-  d = np.asarray(q.dequantize())
+  q, d = _roundtrip(REGISTRY[name])(x)
+  d = np.asarray(d)
   assert np.all(np.isfinite(d))
   assert np.all(np.abs(d - x) <= error_bound(x, q))

@@ -10,9 +10,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax import eval as ev
-from lowbit_jax.assets import asset_path
 from lowbit_jax.eval import CachedApply, generate_greedy, generate_greedy_batch
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, LlamaConfig, init_cache, stack_layers
 
 SMALL = LlamaConfig(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=23, hidden_dim=24, max_seq_len=32)
@@ -100,17 +98,15 @@ def test_rejects_bad_input(params):
     Llama(SMALL).apply({"params": params}, jnp.zeros((2, 3), jnp.int32), left_pad=jnp.zeros(3, jnp.int32))
 
 
-def test_quantized_generation(params):
+def test_quantized_generation(params, stories260k):
   """stories260K in int4 (g32): generating through `quantized(CachedApply(model=...))` on the QArrays gives the tokens
   of the float path on the dequantized weights, and every weight stays packed."""
-  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+  m = stories260k.loaded
   qparams = lb.rtn(m.params, None, lb.int_spec(4, group_size=32))
   qstep = lb.quantized(CachedApply(model=Llama(m.config)))
   prompts = [m.tokenizer.encode(t) for t in ("Once upon a time", "Lily", "The dog ran to the park and")]
   got = generate_greedy_batch(m.config, qparams, prompts, max_new_tokens=40, apply_fn=qstep)
-  dequantized = jax.tree.map(lambda x: x.dequantize() if isinstance(x, lb.QArray) else x, qparams,
-                             is_leaf=lambda x: isinstance(x, lb.QArray))
-  want = generate_greedy_batch(m.config, dequantized, prompts, max_new_tokens=40)
+  want = generate_greedy_batch(m.config, lb.dequantize(qparams), prompts, max_new_tokens=40)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
   floats = generate_greedy_batch(m.config, m.params, prompts, max_new_tokens=40)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.io.hf_llama import (from_hf_llama, half_split_to_interleaved, hf_llama_config, hf_logits,
                                     interleaved_to_half_split, to_hf_llama)
 from lowbit_jax.models.llama import Llama, LlamaConfig, stack_layers
@@ -64,8 +63,8 @@ def test_unsupported_rope_theta() -> None:
     hf_llama_config(dataclasses.replace(CFG, rope_theta=500000.0))
 
 
-def test_stories260k_matches_flax_llama() -> None:
-  loaded = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+def test_stories260k_matches_flax_llama(stories260k) -> None:
+  loaded = stories260k.loaded
   text = asset_path("tinystories/tinystories_val_part1.txt").read_text(encoding="utf-8")[:600]
   tokens = np.asarray(loaded.tokenizer.encode(text, bos=True))[None, :128]  # (1, 128)
   assert tokens.shape == (1, 128)

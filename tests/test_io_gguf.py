@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
+import lowbit_jax as lb
 from lowbit_jax.assets import asset_path
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.io.loaded import CheckpointError, expected_shapes
@@ -89,8 +90,8 @@ def _flat(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------- the real model
 
-def test_real_stories260k_config_and_layout():
-  model = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+def test_real_stories260k_config_and_layout(stories260k):
+  model = stories260k.loaded   # load_gguf of the file
   assert model.config == LlamaConfig(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, hidden_dim=172,
                                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, tie_embeddings=True)
   flat = _flat(model.params)
@@ -106,14 +107,20 @@ def test_real_stories260k_config_and_layout():
 
 # ------------------------------------------------------------------------------------------- written tensor types
 
+_PACKED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
 def test_tensor_types_dequantize_like_gguf_and_within_bounds(tmp_path, qtype):
   tensors = _tiny_tensors()
   model = load_gguf(_write(tmp_path / "tiny.gguf", tensors, _tiny_metadata(), qtype))
   assert model.config == TINY
-  flat = _flat(model.params)
-  assert {k: v.shape for k, v in flat.items()} == expected_shapes(TINY)
-  got, want = flat["layers_1/feed_forward/w2/kernel"].T, tensors["blk.1.ffn_down.weight"]
+  packed = _flat(model.params)
+  assert {k: v.shape for k, v in packed.items()} == expected_shapes(TINY)
+  # Q8_0 / Q4_0 / Q4_1 matrices load as packed QArrays (tests/test_ggml_blocks.py), the rest as float32.
+  assert {isinstance(v, lb.QArray) for k, v in packed.items() if "norm" not in k} == {qtype in _PACKED}
+  flat = _flat(lb.dequantize(model.params))
+  got, want = np.asarray(flat["layers_1/feed_forward/w2/kernel"]).T, tensors["blk.1.ffn_down.weight"]
   # Our decoder equals gguf's own reference dequantization bit for bit.
   reference = want if qtype == Q.F32 else gguf.quants.dequantize(gguf.quants.quantize(want, qtype), qtype)
   np.testing.assert_array_equal(got, reference)
@@ -129,6 +136,20 @@ def test_tensor_types_dequantize_like_gguf_and_within_bounds(tmp_path, qtype):
     assert err.max() > 0  # it really was quantized
   # 1-D tensors stay F32 and exact.
   np.testing.assert_array_equal(flat["norm/scale"], tensors["output_norm.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")   # gguf-py writing the inf scale
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_1])
+def test_nonfinite_weights_rejected_unless_allowed(tmp_path, qtype):
+  """A NaN value (F32), or a Q4_1 block whose f16 scale overflows to inf (a span of 2e6 / 15 > 65504)."""
+  tensors = _tiny_tensors()
+  tensors["blk.1.attn_v.weight"][3, 5] = np.nan if qtype == Q.F32 else 1e6
+  path = _write(tmp_path / "nan.gguf", tensors, _tiny_metadata(), qtype)
+  _assert_rejected(path, "blk.1.attn_v.weight", "non-finite", "allow_nonfinite")
+  model = load_gguf(path, allow_nonfinite=True)
+  wv = lb.dequantize(model.params)["layers_1"]["attention"]["wv"]["kernel"]
+  assert not np.all(np.isfinite(wv)) and np.all(np.isfinite(lb.dequantize(model.params)["layers_0"]["attention"]
+                                                               ["wv"]["kernel"]))
 
 
 def test_untied_output_and_identical_copy_reads_tied(tmp_path):

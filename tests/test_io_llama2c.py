@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.io.llama2c import load_llama2c
 from lowbit_jax.io.loaded import CheckpointError
 from lowbit_jax.models.llama import LlamaConfig
@@ -32,9 +31,9 @@ def test_real_config():
                                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=512, tie_embeddings=True)
 
 
-def test_params_and_tokenizer_equal_the_gguf_bit_for_bit():
+def test_params_and_tokenizer_equal_the_gguf_bit_for_bit(stories260k):
   a = load_llama2c(_bin(), _tok())
-  b = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
+  b = stories260k.loaded   # load_gguf of the file
   # The files disagree only on the context length: llama2.c's header has the training seq_len (512), llama.cpp's
   # converter wrote 2048.
   assert dataclasses.replace(b.config, max_seq_len=a.config.max_seq_len) == a.config

@@ -14,6 +14,7 @@ from lowbit_jax import kernels
 from lowbit_jax.kernels import Backend, BlockSizes, Platform
 from lowbit_jax.kernels.qmatmul import pallas_gpu, pallas_tpu, reference
 from lowbit_jax.spec import Format
+from seeds import random_case
 
 # Kernel outputs vs the reference, as a fraction of max |reference|: f32 differs by summation order only;
 # bf16 by rounding the dequantized tile and the output to bf16.
@@ -37,13 +38,11 @@ SPECS = {
     "fp8_e5m2_channel": lb.fp8_spec(Format.FP8_E5M2, per_channel=True),
 }
 MODULES = {Platform.GPU: pallas_gpu, Platform.TPU: pallas_tpu}
+_reference = jax.jit(reference.qmatmul)   # one compile per case instead of every op of the reference
 
 
 def _case(name, k, n, x_shape, dtype, seed=0):
-  kw, kx = jax.random.split(jax.random.PRNGKey(seed + hash(name) % 1000))
-  w = lb.quantize(jax.random.normal(kw, (k, n)) * 0.1, SPECS[name])
-  x = jax.random.normal(kx, x_shape + (k,)).astype(dtype)
-  return x, w
+  return random_case(SPECS[name], k, n, x_shape, dtype, name, seed)
 
 
 def assert_matches(got, ref, dtype):
@@ -70,7 +69,7 @@ def test_kernel_equals_reference(name, dtype, platform):
   assert mod.why_not(x, w) is None
   got = mod.qmatmul(x, w, interpret=True)
   assert got.shape == (5, 144) and got.dtype == x.dtype
-  assert_matches(got, reference.qmatmul(x, w), dtype)
+  assert_matches(got, _reference(x, w), dtype)
 
 
 # Explicit tilings: several K steps, several M and N tiles, split-K, tiles inside a group and tiles of many groups.
@@ -93,7 +92,7 @@ def test_explicit_tilings(platform, name, blocks):
   assert mod.why_not(x, w, blocks) is None, mod.why_not(x, w, blocks)
   got = mod.qmatmul(x, w, blocks=blocks, interpret=True)
   assert got.shape == (2, 17, 256)
-  assert_matches(got, reference.qmatmul(x, w), jnp.bfloat16)
+  assert_matches(got, _reference(x, w), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("platform", list(Platform))
@@ -115,7 +114,7 @@ def test_grad_matches_reference(platform):
 def test_jit_and_vmap_free_leading_dims():
   x, w = _case("nf4_dq", 512, 128, (2, 3), jnp.bfloat16, seed=3)
   f = jax.jit(lambda x, w: kernels.qmatmul(x, w, backend=Backend.PALLAS, platform=Platform.TPU, interpret=True))
-  assert_matches(f(x, w), reference.qmatmul(x, w), jnp.bfloat16)
+  assert_matches(f(x, w), _reference(x, w), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("name", ["int4_channel_asym", "ternary_tensor"])
@@ -124,5 +123,5 @@ def test_tpu_whole_chunk_step(name):
   x, w = _case(name, 1000, 256, (3,), jnp.float32, seed=5)
   assert pallas_tpu.plan_mod.make_plan(Platform.TPU, x.shape, x.dtype, w, None).blocks.block_k == w.k_pad // (
       8 // w.spec.bits)
-  assert_matches(pallas_tpu.qmatmul(x, w, interpret=True), reference.qmatmul(x, w), jnp.float32)
+  assert_matches(pallas_tpu.qmatmul(x, w, interpret=True), _reference(x, w), jnp.float32)
   assert "power-of-two block_k" in pallas_gpu.why_not(x, w)

@@ -11,6 +11,7 @@ from lowbit_jax.kernels import Backend, BlockSizes, Platform
 from lowbit_jax.kernels.qmatmul import reference as weight_only
 from lowbit_jax.kernels.w8a8 import pallas_gpu, pallas_tpu, reference
 from lowbit_jax.spec import Format
+from seeds import random_case
 
 # As a fraction of max |reference|: the int32 contraction is exact, f32 FP8 products are exact; what remains is
 # the order of the f32 scale products (f32) and the output rounding (bf16).
@@ -24,13 +25,11 @@ SPECS = {
     "fp8_e5m2_channel": lb.fp8_spec(Format.FP8_E5M2, per_channel=True),
 }
 MODULES = {Platform.GPU: pallas_gpu, Platform.TPU: pallas_tpu}
+_reference = jax.jit(reference.w8a8_matmul, static_argnames="per_token")   # one compile per case
 
 
 def _case(name, k, n, x_shape, dtype, seed=0):
-  kw, kx = jax.random.split(jax.random.PRNGKey(seed + hash(name) % 1000))
-  w = lb.quantize(jax.random.normal(kw, (k, n)) * 0.1, SPECS[name])
-  x = jax.random.normal(kx, x_shape + (k,)).astype(dtype)
-  return x, w
+  return random_case(SPECS[name], k, n, x_shape, dtype, name, seed)
 
 
 def assert_matches(got, ref, dtype, rel=None):
@@ -50,7 +49,7 @@ def test_kernel_equals_reference(name, per_token, platform):
   assert mod.why_not(x, w, per_token=per_token) is None
   got = mod.w8a8_matmul(x, w, per_token=per_token, interpret=True)
   assert got.shape == (2, 5, 144) and got.dtype == dtype
-  assert_matches(got, reference.w8a8_matmul(x, w, per_token=per_token), dtype)
+  assert_matches(got, _reference(x, w, per_token=per_token), dtype)
 
 
 @pytest.mark.parametrize("platform,blocks", [(Platform.GPU, BlockSizes(16, 64, 64, 2)),
@@ -58,7 +57,7 @@ def test_kernel_equals_reference(name, per_token, platform):
 def test_multistep_tiling(platform, blocks):
   x, w = _case("int8_channel", 512, 256, (40,), jnp.bfloat16, seed=1)
   got = MODULES[platform].w8a8_matmul(x, w, blocks=blocks, interpret=True)
-  assert_matches(got, reference.w8a8_matmul(x, w), jnp.bfloat16)
+  assert_matches(got, _reference(x, w), jnp.bfloat16)
 
 
 def test_reference_is_close_to_the_weight_only_product():
@@ -66,7 +65,7 @@ def test_reference_is_close_to_the_weight_only_product():
     x, w = _case(name, 512, 64, (8,), jnp.float32, seed=2)
     # int8 activations: ~1/254 of absmax per element; E4M3: 2**-4 relative.
     rel = 2e-2 if SPECS[name].format is Format.INT else 6e-2
-    assert_matches(reference.w8a8_matmul(x, w), weight_only.qmatmul(x, w), jnp.float32, rel=rel)
+    assert_matches(_reference(x, w), jax.jit(weight_only.qmatmul)(x, w), jnp.float32, rel=rel)
 
 
 def test_activation_quantizer():

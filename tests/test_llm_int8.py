@@ -1,7 +1,6 @@
 """lowbit_jax.llm_int8 on the real stories260K model: runs through `quantized(apply)` under jit within 1% of the fp32
 perplexity and closer to fp32 than W8A8 without the float outlier path; the calibrated variant quantizes the same
 weights; `outlier_report` counts outlier columns from a calibration; bad inputs raise naming the key path."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +10,10 @@ import pytest
 import lowbit_jax as lb
 from lowbit_jax import eval as lbeval
 from lowbit_jax.algorithms.llm_int8 import llm_int8, llm_int8_spec, outlier_report
-from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
-from lowbit_jax.models.llama import Llama
 from lowbit_jax.spec import ActQuant
 
 WQ = "params['layers_1']['attention']['wq']['kernel']"
-
-
-@functools.lru_cache(maxsize=None)
-def _setup():
-  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
-  train = asset_path("tinystories/tinystories_train_first2MiB.txt").read_text()[:60_000]
-  val = asset_path("tinystories/tinystories_val_part1.txt").read_text()[:40_000]
-  ids = np.asarray(m.tokenizer.encode(train))[: 8 * 128].reshape(8, 128)
-  held = np.asarray(m.tokenizer.encode(val))[:4096]
-  model = Llama(m.config)
-  apply = lambda p, t: model.apply({"params": p}, t)
-  calib = lb.calibrate(apply, m.params, [jnp.asarray(ids[i:i + 2]) for i in range(0, 8, 2)])
-  return m, apply, calib, held
+HELD = 4096   # validation tokens (32 windows of 128) the perplexities and KLs are measured on
 
 
 def _kl(apply, params, qapply, qparams, held):
@@ -38,8 +22,8 @@ def _kl(apply, params, qapply, qparams, held):
   return float(np.mean([lbeval.kl_divergence(fapply(params, t), qapply(qparams, t)) for t in tokens]))
 
 
-def test_llm_int8_on_the_real_model():
-  m, apply, _, held = _setup()
+def test_llm_int8_on_the_real_model(stories260k):
+  m, apply, held = stories260k.loaded, stories260k.apply, stories260k.val[:HELD]
   q = llm_int8(m.params)
   no_outliers = llm_int8(m.params, None, llm_int8_spec(threshold=1e30))     # every column int8: plain W8A8
   qapply = jax.jit(lb.quantized(apply))
@@ -56,8 +40,8 @@ def test_llm_int8_on_the_real_model():
   assert not isinstance(m.params["layers_1"]["attention"]["wq"]["kernel"], lb.QArray)   # input untouched
 
 
-def test_calibrated_variant_quantizes_the_same_weights():
-  m, _, calib, _ = _setup()
+def test_calibrated_variant_quantizes_the_same_weights(stories260k, stories260k_calib):
+  m, calib = stories260k.loaded, stories260k_calib
   a, b = llm_int8(m.params), llm_int8(m.params, calib)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -68,8 +52,8 @@ def test_calibrated_variant_quantizes_the_same_weights():
   assert sub["layers_0"]["attention"]["wq"]["kernel"].spec.activations.outlier_threshold == 4.0
 
 
-def test_outlier_report():
-  _, _, calib, _ = _setup()
+def test_outlier_report(stories260k_calib):
+  calib = stories260k_calib
   r = outlier_report(calib)
   assert len(r.rows) == len(calib) == 35 and r.threshold == r.calibration_threshold == 6.0
   row = next(x for x in r.rows if x.where == WQ)
@@ -85,8 +69,8 @@ def test_outlier_report():
   assert outlier_report(calib, threshold=0.0).total_outlier_columns == sum(x.k for x in r.rows)
 
 
-def test_bad_inputs_name_the_path():
-  m, _, calib, _ = _setup()
+def test_bad_inputs_name_the_path(stories260k, stories260k_calib):
+  m, calib = stories260k.loaded, stories260k_calib
   for t in (-1.0, float("nan"), None, "6"):
     with pytest.raises(ValueError, match="threshold"):
       llm_int8_spec(threshold=t)

@@ -8,7 +8,8 @@ from flax import nnx
 
 import lowbit_jax as lb
 from lowbit_jax import passes as P
-from passhelpers import ScanModel, assert_close, dequantized, random_like, scan_model_layer_inputs
+from passhelpers import (ScanModel, assert_close, dequantized, float_shapes, is_q, random_like,
+                         scan_model_layer_inputs)
 
 SPEC = lb.int_spec(4, group_size=8)
 
@@ -89,26 +90,29 @@ def test_quantized_equals_dequantized_and_composes(scan_setup):
     assert_close(a, b, 1e-4)
 
 
+def _decoded_shapes(q: lb.QArray) -> set[tuple[int, ...]]:
+  """The shapes a float decode of the whole weight q would have: (K, N), padded (K_pad, N) and grouped
+  (G, group_len, N), each with and without q's stacked leading axes (a scan slices one layer off)."""
+  *lead, n = q.shape[:-2] + q.shape[-1:]
+  per_layer = {(q.k, n), (q.k_pad, n), (q.k_pad // q.group_len, q.group_len, n)}
+  return per_layer | {tuple(lead) + s for s in per_layer}
+
+
 def test_no_float_weight_materialised_under_jit(scan_setup):
-  """No scaled (dequantized) copy of a kernel-handled weight appears: the reference kernel unpacks codes, but
-  scales multiply the (.., G, N) partial sums, never a (K, N) weight."""
+  """No op anywhere in the quantized jaxpr (sub-jaxprs of scan, remat and pjit included) computes a float array
+  of a weight's full shape: the reference kernel unpacks codes, but scales multiply the (.., G, N) partial sums,
+  never a (K, N) weight. The same check finds the decode in the dequantize-then-run jaxpr."""
   f, params, x = scan_setup
   q = lb.rtn(params, None, SPEC)
   qf = P.quantized(f)
-  jaxpr = jax.make_jaxpr(qf)(q, x)
+  packed = set(float_shapes(jax.make_jaxpr(qf)(q, x)))
   assert qf.last_notes == []
-  muls = set()
-
-  def walk(j):
-    for e in j.eqns:
-      if e.primitive.name == "mul":
-        muls.add(tuple(e.outvars[0].aval.shape))
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
-        walk(sub)
-  walk(jaxpr.jaxpr)
-  for leaf in [params["layers"]["up"]["kernel"][0], params["layers"]["down"]["kernel"][0], params["head"]["kernel"]]:
-    k, n = leaf.shape
-    assert not {(k, n), (k // 8, 8, n)} & muls
+  decoded = set(float_shapes(jax.make_jaxpr(lambda q, x: f(dequantized(q), x))(q, x)))
+  weights = [l for l in jax.tree.leaves(q, is_leaf=is_q) if is_q(l)]
+  assert len(weights) == 4
+  for w in weights:
+    assert _decoded_shapes(w) & decoded, w.shape        # the check can fail
+    assert not _decoded_shapes(w) & packed, (w.shape, _decoded_shapes(w) & packed)
 
 
 class TinyNNX(nnx.Module):

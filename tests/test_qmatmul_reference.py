@@ -6,18 +6,19 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax.kernels import Backend, qmatmul
-from qhelpers import REGISTRY, tol
+from passhelpers import dequantized
+from qhelpers import REGISTRY, quantize, tol
+from seeds import stable_seed
 
 
 @pytest.mark.parametrize("x_shape", [(1, 172), (5, 172), (2, 3, 172)])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_reference_equals_dequantized_dot(name, x_shape):
-  key = jax.random.PRNGKey(hash(name) % 2**31)
-  kw, kx = jax.random.split(key)
-  w = lb.quantize(jax.random.normal(kw, (172, 48)), REGISTRY[name])
+  kw, kx = jax.random.split(jax.random.PRNGKey(stable_seed(name)))
+  w = quantize(jax.random.normal(kw, (172, 48)), REGISTRY[name])
   x = jax.random.normal(kx, x_shape)
   out = jax.jit(qmatmul)(x, w)
-  ref = jnp.matmul(x, w.dequantize(), precision=jax.lax.Precision.HIGHEST)
+  ref = jnp.matmul(x, dequantized(w), precision=jax.lax.Precision.HIGHEST)
   assert out.shape == x_shape[:-1] + (48,) and out.dtype == x.dtype
   assert float(jnp.max(jnp.abs(ref))) > 0
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))

@@ -1,6 +1,5 @@
 """The weight-only reference decodes the weight one K-tile at a time: it still equals ``x @ w.dequantize()`` for
 every format, and no float value in its jaxpr (forward, gradient, W8A8, LLM.int8()) is near the weight's size."""
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,8 @@ import lowbit_jax as lb
 from lowbit_jax.kernels.qmatmul import reference
 from lowbit_jax.kernels.w8a8 import llm_int8, reference as w8_ref
 from passhelpers import max_float_buffer
-from qhelpers import REGISTRY
+from qhelpers import REGISTRY, quantize
+from seeds import stable_seed
 
 # (name, spec, K, N): K = 512 tiles every registry format into several steps; the rest pad K (not a multiple of
 # the group or of the packing) or make the last tile overlap the previous one (prime K, one scale row).
@@ -25,15 +25,8 @@ CASES = [(name, REGISTRY[name], 512, 48) for name in sorted(REGISTRY)] + [
 ]
 
 
-def _seed(name: str) -> int:
-  return zlib.crc32(name.encode())
-
-
-_quantize = jax.jit(lb.quantize, static_argnums=1)   # one compile instead of many eager ops
-
-
 def _weight(name, spec, k, n):
-  return _quantize(jax.random.normal(jax.random.PRNGKey(_seed(name)), (k, n)), spec)
+  return quantize(jax.random.normal(jax.random.PRNGKey(stable_seed(name)), (k, n)), spec)
 
 
 @jax.jit
@@ -53,7 +46,7 @@ def _assert_close(out, ref, rtol=1e-5):
 @pytest.mark.parametrize("name,spec,k,n", CASES, ids=[c[0] for c in CASES])
 def test_tiled_reference_equals_dequantized_dot(name, spec, k, n):
   w = _weight(name, spec, k, n)
-  xs = [jax.random.normal(jax.random.PRNGKey(_seed(f"{name}/x{m}")), (m, k)) for m in (1, 5)]
+  xs = [jax.random.normal(jax.random.PRNGKey(stable_seed(f"{name}/x{m}")), (m, k)) for m in (1, 5)]
   for x, (out, ref) in zip(xs, _both(xs, w)):
     assert out.shape == (x.shape[0], n) and out.dtype == x.dtype
     _assert_close(out, ref)
@@ -80,8 +73,8 @@ def test_plan_is_group_aligned_and_bounded():
 
 def test_stacked_weight_under_vmap_and_grad():
   spec = lb.int_spec(4, group_size=32, symmetric=False)
-  ws = _quantize(jax.random.normal(jax.random.PRNGKey(_seed("stack/w")), (3, 256, 40)), spec)
-  xs = jax.random.normal(jax.random.PRNGKey(_seed("stack/x")), (3, 5, 256))
+  ws = quantize(jax.random.normal(jax.random.PRNGKey(stable_seed("stack/w")), (3, 256, 40)), spec)
+  xs = jax.random.normal(jax.random.PRNGKey(stable_seed("stack/x")), (3, 5, 256))
   out = jax.jit(jax.vmap(reference.qmatmul))(xs, ws)
   deq = jax.jit(lambda w: w.dequantize())(ws)                                   # (3, 256, 40)
   ref = jnp.einsum("bmk,bkn->bmn", xs, deq, precision=jax.lax.Precision.HIGHEST)

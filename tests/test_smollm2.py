@@ -33,7 +33,7 @@ def documented() -> dict[str, str]:
   return {"story": story, "chat": chat}
 
 
-def test_config_and_weights_as_in_the_file(smollm2, reference):
+def test_config_and_weights_as_in_the_file(smollm2, smollm2_float, reference):
   meta = reference.metadata
   assert smollm2.config == LlamaConfig(
       dim=int(meta["llama.embedding_length"]), n_layers=reference.n_layers, n_heads=reference.n_heads,
@@ -41,19 +41,20 @@ def test_config_and_weights_as_in_the_file(smollm2, reference):
       hidden_dim=int(meta["llama.feed_forward_length"]), norm_eps=1e-5, rope_theta=reference.rope_base,
       max_seq_len=int(meta["llama.context_length"]), tie_embeddings="output.weight" not in reference.tensors)
   assert (smollm2.config.n_layers, smollm2.config.dim, smollm2.config.vocab_size) == (30, 576, 49152)
-  p, t = smollm2.params, reference.tensors
-  # Our dequantization of Q4_1 (linear weights) and Q8_0 (embedding) equals gguf-py's, bit for bit in float32.
+  p, t = smollm2_float, reference.tensors
+  # The float view of the Q4_1 (linear weights) and Q8_0 (embedding) QArrays equals gguf-py's dequantization, bit
+  # for bit in float32.
   np.testing.assert_array_equal(p["layers_7"]["feed_forward"]["w2"]["kernel"], t["blk.7.ffn_down.weight"].T)
   np.testing.assert_array_equal(p["layers_29"]["attention"]["wk"]["kernel"], t["blk.29.attn_k.weight"].T)
   np.testing.assert_array_equal(p["tok_embeddings"]["embedding"], t["token_embd.weight"])
 
 
-def test_logits_equal_independent_numpy_forward(smollm2, reference):
+def test_logits_equal_independent_numpy_forward(smollm2, smollm2_float, reference):
   """The chat prompt's first 24 tokens (system turn, specials, words): float32 vs float64, Hugging Face RoPE."""
   ids = smollm2.tokenizer.encode(smollm2.chat_template.apply_chat_template(
       [{"role": "user", "content": CHAT_QUESTION}]))[:24]
   want = forward(reference, ids)  # (24, vocab) float64
-  got = np.asarray(jax.jit(Llama(smollm2.config).apply)({"params": smollm2.params}, jnp.asarray([ids]))[0])
+  got = np.asarray(jax.jit(Llama(smollm2.config).apply)({"params": smollm2_float}, jnp.asarray([ids]))[0])
   scale = np.abs(want).max()
   assert scale > 10.0
   assert np.abs(got - want).max() <= 1e-4 * scale
@@ -72,9 +73,9 @@ def prompts(smollm2, documented) -> dict[str, tuple[list[int], int]]:
 
 
 @pytest.fixture(scope="module")
-def scanned(smollm2) -> tuple[Llama, dict]:
-  """The scanned layout: the same function (tests/test_llama.py), one layer to compile instead of 30."""
-  return Llama(smollm2.config, scan_layers=True), stack_layers(smollm2.params, smollm2.config.n_layers)
+def scanned(smollm2, smollm2_float) -> tuple[Llama, dict]:
+  """The scanned layout (float view): the same function (tests/test_llama.py), one layer to compile instead of 30."""
+  return Llama(smollm2.config, scan_layers=True), stack_layers(smollm2_float, smollm2.config.n_layers)
 
 
 def _check_documented(tok, documented, story_prompt, story_out, chat_out) -> None:

@@ -2,7 +2,6 @@
 fp32 perplexity and no worse than W8A8 without smoothing; the smoothing scales follow smooth.py; same-input weights
 share one s; bad inputs raise naming the key path and leave the params untouched."""
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,25 +11,11 @@ import pytest
 import lowbit_jax as lb
 from lowbit_jax import eval as lbeval
 from lowbit_jax.algorithms.smoothquant import smoothing_groups, smoothing_scales, smoothquant
-from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, stack_layers
 from lowbit_jax.spec import ActQuant, Format, QuantSpec
 
 WQ = "params['layers_1']['attention']['wq']['kernel']"
-
-
-@functools.lru_cache(maxsize=None)
-def _setup():
-  m = load_gguf(asset_path("stories260K_gguf/stories260K.gguf"))
-  train = asset_path("tinystories/tinystories_train_first2MiB.txt").read_text()[:60_000]
-  val = asset_path("tinystories/tinystories_val_part1.txt").read_text()[:40_000]
-  ids = np.asarray(m.tokenizer.encode(train))[: 8 * 128].reshape(8, 128)
-  held = np.asarray(m.tokenizer.encode(val))[:4096]
-  model = Llama(m.config)
-  apply = lambda p, t: model.apply({"params": p}, t)
-  calib = lb.calibrate(apply, m.params, [jnp.asarray(ids[i:i + 2]) for i in range(0, 8, 2)])
-  return m, apply, calib, held
+HELD = 4096   # validation tokens (32 windows of 128) the perplexities and KLs are measured on
 
 
 def _ppl(apply, params, held):
@@ -44,8 +29,8 @@ def _kl(apply, params, qapply, qparams, held):
   return float(np.mean([lbeval.kl_divergence(fapply(params, t), qapply(qparams, t)) for t in tokens]))
 
 
-def test_smoothquant_w8a8_matches_fp32_and_beats_plain_w8a8():
-  m, apply, calib, held = _setup()
+def test_smoothquant_w8a8_matches_fp32_and_beats_plain_w8a8(stories260k, stories260k_calib):
+  m, apply, calib, held = stories260k.loaded, stories260k.apply, stories260k_calib, stories260k.val[:HELD]
   q_sq = smoothquant(m.params, calib, alpha=0.5, fold=False)
   q_plain = lb.rtn(m.params, None, QuantSpec(format=Format.INT, bits=8, activations=ActQuant(per_token=True)))
   qapply = jax.jit(lb.quantized(apply))
@@ -65,8 +50,8 @@ def test_smoothquant_w8a8_matches_fp32_and_beats_plain_w8a8():
   assert not isinstance(m.params["layers_1"]["attention"]["wq"]["kernel"], lb.QArray)   # input untouched
 
 
-def test_scales_follow_smooth_py_and_groups_share_them():
-  m, _, calib, _ = _setup()
+def test_scales_follow_smooth_py_and_groups_share_them(stories260k, stories260k_calib):
+  m, calib = stories260k.loaded, stories260k_calib
   groups = smoothing_groups(m.params, calib)
   assert [WQ, WQ.replace("wq", "wk"), WQ.replace("wq", "wv")] in groups
   assert [WQ.replace("wq", "wo")] in groups and len(groups) == 4 * 5
@@ -82,8 +67,8 @@ def test_scales_follow_smooth_py_and_groups_share_them():
   np.testing.assert_allclose(smoothing_scales([4.0], [0.25], 1.0), [4.0], rtol=1e-6)
 
 
-def test_scanned_stack_gets_per_layer_scales():
-  m, apply, _, held = _setup()
+def test_scanned_stack_gets_per_layer_scales(stories260k):
+  m, held = stories260k.loaded, stories260k.val[:HELD]
   model = Llama(m.config, scan_layers=True)
   sapply = lambda p, t: model.apply({"params": p}, t)
   params = stack_layers(m.params, m.config.n_layers)
@@ -97,8 +82,8 @@ def test_scanned_stack_gets_per_layer_scales():
   assert float(lbeval.kl_divergence(jax.jit(sapply)(params, tokens), out)) < 5e-3
 
 
-def test_bad_inputs_name_the_path_and_leave_params_untouched():
-  m, apply, calib, _ = _setup()
+def test_bad_inputs_name_the_path_and_leave_params_untouched(stories260k, stories260k_calib):
+  m, apply, calib = stories260k.loaded, stories260k.apply, stories260k_calib
   before = jax.tree.map(np.asarray, m.params)
   other = jax.tree.map(lambda x: x, m.params)
   other["layers_1"]["attention"]["wq"]["kernel"] = jnp.ones((32, 64))   # another model: K = 32

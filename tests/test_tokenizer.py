@@ -12,15 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowbit_jax.assets import asset_path
-from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.io.tokenizer import Tokenizer
 
 ONCE = "Once upon a time"
 
 
-@cache
-def _gguf_tokenizer() -> Tokenizer:
-  return load_gguf(asset_path("stories260K_gguf/stories260K.gguf")).tokenizer
+@pytest.fixture(scope="module")
+def tok(stories260k) -> Tokenizer:
+  """The GGUF file's tokenizer."""
+  return stories260k.loaded.tokenizer
 
 
 @cache
@@ -87,13 +87,12 @@ def _reference_decode(ids: list[int]) -> str:
 
 # ------------------------------------------------------------------------------------------------- vocabularies
 
-def test_gguf_and_llama2c_vocabularies_are_identical():
-  gguf_tok = _gguf_tokenizer()
+def test_gguf_and_llama2c_vocabularies_are_identical(tok):
   c_tok = Tokenizer.from_llama2c(asset_path("stories260K_llama2c/tok512.bin"), 512)
-  assert gguf_tok.pieces == c_tok.pieces and gguf_tok.scores == c_tok.scores
-  assert (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.unk_id) == (c_tok.bos_id, c_tok.eos_id, c_tok.unk_id) == (1, 2, 0)
-  assert gguf_tok == c_tok
-  assert gguf_tok.byte_offset == 3 and gguf_tok.pieces[3 + 0x41] == "<0x41>"
+  assert tok.pieces == c_tok.pieces and tok.scores == c_tok.scores
+  assert (tok.bos_id, tok.eos_id, tok.unk_id) == (c_tok.bos_id, c_tok.eos_id, c_tok.unk_id) == (1, 2, 0)
+  assert tok == c_tok
+  assert tok.byte_offset == 3 and tok.pieces[3 + 0x41] == "<0x41>"
 
 
 def test_constructor_invariants():
@@ -111,8 +110,7 @@ def test_constructor_invariants():
 
 # ------------------------------------------------------------------------------------------------- encode/decode
 
-def test_once_upon_a_time():
-  tok = _gguf_tokenizer()
+def test_once_upon_a_time(tok):
   ids = tok.encode(ONCE)
   assert ids == [1, 403, 407, 261, 378] == _reference_encode(ONCE)
   assert [tok.pieces[i] for i in ids[1:]] == ["▁Once", "▁upon", "▁a", "▁time"]
@@ -122,8 +120,7 @@ def test_once_upon_a_time():
   assert tok.encode(ONCE, bos=False, eos=True) == ids[1:] + [2]
 
 
-def test_empty_text_has_no_dummy_prefix():
-  tok = _gguf_tokenizer()
+def test_empty_text_has_no_dummy_prefix(tok):
   assert tok.encode("") == [1] and tok.encode("", bos=False) == [] and tok.encode("", eos=True) == [1, 2]
   assert tok.decode([]) == "" and tok.decode([1, 2]) == ""
 
@@ -135,17 +132,15 @@ SPECIAL = ["a", " ", "  two  spaces ", "\n", "line\n\nbreaks\n", "tab\there", "n
 
 
 @pytest.mark.parametrize("text", SPECIAL)
-def test_matches_llama2c_on_special_strings(text):
-  tok = _gguf_tokenizer()
+def test_matches_llama2c_on_special_strings(text, tok):
   ids = tok.encode(text)
   assert ids == _reference_encode(text)
   assert tok.decode(ids) == _reference_decode(ids) == text
 
 
-def test_matches_llama2c_on_random_snippets():
+def test_matches_llama2c_on_random_snippets(tok):
   text = asset_path("tinystories/tinystories_val_part1.txt").read_text(encoding="utf-8")
   rng = random.Random(0)
-  tok = _gguf_tokenizer()
   for _ in range(60):
     start = rng.randrange(len(text))
     snippet = text[start:start + rng.randrange(1, 250)]
@@ -153,17 +148,15 @@ def test_matches_llama2c_on_random_snippets():
 
 
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
-def test_matches_llama2c_on_arbitrary_text(text):
-  tok = _gguf_tokenizer()
+def test_matches_llama2c_on_arbitrary_text(tok, text):
   ids = tok.encode(text)
   assert ids == _reference_encode(text)
   assert tok.decode(ids) == text
 
 
-def test_round_trip_of_the_whole_tinystories_validation_text():
+def test_round_trip_of_the_whole_tinystories_validation_text(tok):
   text = asset_path("tinystories/tinystories_val_part1.txt").read_text(encoding="utf-8")
   assert len(text) > 400_000
-  tok = _gguf_tokenizer()
   start = time.perf_counter()
   ids = tok.encode(text)
   assert tok.decode(ids) == text
@@ -172,15 +165,13 @@ def test_round_trip_of_the_whole_tinystories_validation_text():
   assert len(ids) < len(text) / 1.9  # real merging happened (~2.05 characters per token)
 
 
-def test_round_trip_of_non_ascii_wikitext():
+def test_round_trip_of_non_ascii_wikitext(tok):
   text = asset_path("wikitext2_raw/wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
   assert any(ord(c) > 127 for c in text)
-  tok = _gguf_tokenizer()
   assert tok.decode(tok.encode(text)) == text
 
 
-def test_decode_of_model_output():
-  tok = _gguf_tokenizer()
+def test_decode_of_model_output(tok):
   assert tok.decode([1, 3 + 0xE2]) == "\ufffd"  # an incomplete UTF-8 sequence a sampler may emit
   with pytest.raises(ValueError, match="512"):
     tok.decode([512])

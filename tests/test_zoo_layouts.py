@@ -5,8 +5,9 @@ are opt-in); `rtn` and `gptq` quantize them along the axes the function contract
 equals `apply(dequantized q, x)` to 1e-5 in f32; the run report shows no weight dequantized (convolutions are the
 documented exception); the jaxpr of the quantized function holds no float buffer of a quarter of a weight.
 """
+import contextlib
+import functools
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +26,36 @@ TIED = {"tied_embed": r"^embed/embedding$", "hf_gpt2": r"^transformer/wte/embedd
         "gemma_style": r"input_embedding$"}
 
 
+@functools.lru_cache(maxsize=None)
 def _build(name):
+  """(zoo, the paths of its linear and conv weights), built once per process: the tests of one layout share its
+  apply function, so jax traces and compiles each of its runs once per tree structure."""
   z = ZOO[name]()
-  return z, set(matching(z, z.linear + z.conv))
+  return z, frozenset(matching(z, z.linear + z.conv))
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized(name):
+  """`quantized(apply)` of one layout, shared like its apply function."""
+  return lb.quantized(_build(name)[0].apply)
 
 
 def _qpaths(tree) -> set:
   return {path_str(p) for p, l in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0] if is_q(l)}
 
 
+def _expect(expected: bool, category, match: str):
+  """`pytest.warns(category, match=match)` if `expected`, else nothing: such a warning is then an error."""
+  return pytest.warns(category, match=match) if expected else contextlib.nullcontext()
+
+
 def _check_run(z, q, *, allow_dequantized=()):
-  f = lb.quantized(z.apply)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", P.DequantizedWarning)
+  """The packed run equals the float run of the dequantized tree; only weights matching `allow_dequantized` run
+  dequantized (the zoo's convs: one DequantizedWarning each)."""
+  # Warnings come from tracing, which jax does once per function and tree structure: a run that must warn gets a
+  # function of its own.
+  f = lb.quantized(z.apply) if allow_dequantized else _quantized(z.name)
+  with _expect(bool(allow_dequantized), P.DequantizedWarning, "the quantized weight runs dequantized"):
     got = jax.jit(f)(q, z.batch)
   want = jax.jit(z.apply)(dequantized(q), z.batch)
   assert_close(got, want, 1e-5)
@@ -67,9 +85,8 @@ def test_default_selection_rtn_and_packed_run(name):
 def test_gptq_on_every_layout(name):
   z, linear = _build(name)
   calib = lb.calibrate(z.apply, z.params, [z.batch])
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")      # convs have no statistics: quantized round-to-nearest, with a warning
-    q = lb.gptq(z.params, calib, SPEC)
+  with _expect(bool(z.conv), RuntimeWarning, "gptq: no calibration statistics for .*convolution"):
+    q = lb.gptq(z.params, calib, SPEC)      # convs have no statistics: quantized round-to-nearest, with a warning
   tied = {p for p in linear if name in TIED and re.search(TIED[name], p)}
   assert _qpaths(q) == linear - tied
   _check_run(z, q, allow_dequantized=z.conv)

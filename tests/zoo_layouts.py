@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lowbit_jax.select import path_str
+from seeds import stable_seed
 
 B, T, D, H, K, F, E, V = 2, 8, 64, 4, 32, 128, 4, 128
 KV = 2                                                        # gemma kv heads (GQA: H // KV query heads each)
@@ -54,7 +54,7 @@ def matching(zoo: Zoo, regexes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 def _fill(shapes, name: str, scale: float = 0.1):
   """Random float32 leaves with the structure of `shapes` (abstract or concrete); norm scales around 1."""
-  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  rng = np.random.default_rng(stable_seed(name))
 
   def leaf(path, s):
     z = scale * rng.standard_normal(s.shape).astype(np.float32)
@@ -63,11 +63,11 @@ def _fill(shapes, name: str, scale: float = 0.1):
 
 
 def _acts(name: str) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(zlib.crc32(name.encode()) + 1).standard_normal((B, T, D)), jnp.float32)
+  return jnp.asarray(np.random.default_rng(stable_seed(name) + 1).standard_normal((B, T, D)), jnp.float32)
 
 
 def _tokens(name: str) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(zlib.crc32(name.encode()) + 1).integers(0, V, (B, T)), jnp.int32)
+  return jnp.asarray(np.random.default_rng(stable_seed(name) + 1).integers(0, V, (B, T)), jnp.int32)
 
 
 def _linen(name, module, batch, **kinds) -> Zoo:

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+import lowbit_jax as lb
 from lowbit_jax import assets
 from lowbit_jax.eval import generate_greedy, generate_greedy_batch
 from lowbit_jax.io.gguf import load_gguf
@@ -53,7 +54,8 @@ def main() -> None:
   outputs = {}
   for scan in (False, True):
     model = llama.Llama(m.config, scan_layers=scan)
-    params = jax.device_put(llama.stack_layers(m.params, m.config.n_layers) if scan else m.params)
+    floats = lb.dequantize(m.params)   # the float view of the Q4_1 / Q8_0 QArrays
+    params = jax.device_put(llama.stack_layers(floats, m.config.n_layers) if scan else floats)
     run = lambda: outputs.__setitem__(scan, generate_greedy_batch(model, params, prompts,  # noqa: E731
                                                                   max_new_tokens=args.new_tokens))
     first = _seconds(run)

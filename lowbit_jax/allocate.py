@@ -14,7 +14,8 @@ one spec, so its layers form one unit (their errors summed); for per-layer forma
 (e.g. `Llama(scan_layers=False)`, `models.llama.unstack_layers`).
 
 Sensitivity (`Sensitivity`): ABSOLUTE is tr(ΔWᵀ H ΔW) of round-to-nearest, H the calibration's input second
-moment, along each weight's own contraction block (`allocate_core.rtn_errors`), summed over the unit's weights and
+moment, along each weight's own contraction block (`allocate_core.rtn_errors`; with `quantizer=`, of what that
+transform stores, e.g. GPTQ's result: `allocate_core.output_errors`), summed over the unit's weights and
 layers; RELATIVE divides it by tr(Wᵀ H W), the unit's output energy; KL_WEIGHTED (the default) multiplies it by a
 per-unit factor measured with a few forwards of the calibration's own function and batches: the KL divergence of
 the model's output distribution when only that unit is quantized, per unit of its absolute error, so errors of
@@ -233,7 +234,26 @@ def _check_candidates(candidates) -> tuple[QuantSpec, ...]:
   return tuple(candidates)
 
 
-def _units(params, calib, candidates, where) -> tuple[list[Unit], list[list[common.Target]]]:
+def _measured(params, calib, candidates, targets, quantizer) -> list[dict]:
+  """Per candidate, {key path: the float values `quantizer` stores} for every target: one run per candidate."""
+  names = frozenset(sel.path_str(t.path) for t in targets)
+  out = []
+  for c in tqdm(candidates, desc="allocate: quantizer errors", leave=False):
+    q = quantizer(params, calib, c, where=lambda path, _: path in names)
+    flat = dict(jax.tree_util.tree_flatten_with_path(q, is_leaf=lambda x: isinstance(x, QArray))[0])
+    got = {}
+    for t in targets:
+      v = flat.get(t.path)
+      if not isinstance(v, QArray):
+        raise ValueError(f"{t.where}: allocate's quantizer {quantizer!r} left it {type(v).__name__} with "
+                         f"{spec_label(c)}; expected a QArray (a transform with lowbit_jax.gptq's signature)")
+      got[t.path] = v.dequantize()
+    out.append(got)
+  return out
+
+
+def _units(params, calib, candidates, where, quantizer=None):
+  """-> (units, their target groups, `_measured` values or None for round-to-nearest)."""
   targets = common.calibrated_leaves(params, calib, where, "allocate")
   for t in targets:
     for c in candidates:
@@ -249,26 +269,28 @@ def _units(params, calib, candidates, where) -> tuple[list[Unit], list[list[comm
   order = {t.path: i for i, t in enumerate(targets)}
   groups.sort(key=lambda g: min(order[t.path] for t in g))
   specs = tuple(candidates)
+  measured = None if quantizer is None else _measured(params, calib, specs, targets, quantizer)
   units = []
   for g in tqdm(groups, desc="allocate: sensitivity", leave=False, disable=len(groups) < 16):
     err, norm, nbytes = np.zeros(len(specs)), 0.0, np.zeros(len(specs), np.int64)
     for t in g:
       h = t.wc.stats.hessian if t.has_stats else None
-      e, n = core.rtn_errors(t.leaf, h, specs=specs, layout=t.layout)
+      e, n = (core.rtn_errors(t.leaf, h, specs=specs, layout=t.layout) if measured is None else
+              core.output_errors(t.leaf, [m[t.path] for m in measured], h, layout=t.layout))
       err += np.asarray(e, np.float64).sum(axis=1)
       norm += float(np.asarray(n, np.float64).sum())
       nbytes += [core.stored_nbytes(np.shape(t.leaf), t.leaf.dtype, c, t.layout) for c in specs]
     units.append(Unit(name=_unit_name([t.path for t in g]), paths=tuple(t.path for t in g),
                       n_weights=sum(math.prod(np.shape(t.leaf)) for t in g), nbytes=tuple(int(b) for b in nbytes),
                       abs_errors=tuple(float(x) for x in err), norm=norm))
-  return units, groups
+  return units, groups, measured
 
 
-def _kl_factors(params, calib, candidates, units: list[Unit], groups, n_batches: int) -> list[Unit]:
-  """Each unit with `kl_factor`: the mean KL(f(params) ‖ f(params with only this unit round-to-nearest)) over
-  the first `n_batches` calibration batches (softmax over the last axis of `calib.apply_fn`'s output), per unit
-  of its absolute error, the unit quantized with its most precise candidate that changes it (the most bytes, so
-  the perturbation is small: where the error is quadratic)."""
+def _kl_factors(params, calib, candidates, units: list[Unit], groups, n_batches: int, measured) -> list[Unit]:
+  """Each unit with `kl_factor`: the mean KL(f(params) ‖ f(params with only this unit quantized)) over the
+  first `n_batches` calibration batches (softmax over the last axis of `calib.apply_fn`'s output), per unit of its
+  absolute error, the unit quantized (round-to-nearest, or as `measured`) with its most precise candidate that
+  changes it (the most bytes, so the perturbation is small: where the error is quadratic)."""
   apply_fn = calib.apply_fn
   forward = jax.jit(apply_fn)
   kl_of = jax.jit(lambda p, batch, ref: core.mean_kl(ref, apply_fn(p, batch)))
@@ -289,7 +311,8 @@ def _kl_factors(params, calib, candidates, units: list[Unit], groups, n_batches:
                        f"Sensitivity.ABSOLUTE for other outputs")
     for i, (g, r) in enumerate(zip(groups, refs)):
       if r is not None:
-        done = {t.path: quantize_jit(jnp.asarray(t.leaf), candidates[r], t.layout).dequantize() for t in g}
+        done = {t.path: quantize_jit(jnp.asarray(t.leaf), candidates[r], t.layout).dequantize()
+                if measured is None else measured[r][t.path] for t in g}
         kl[i] += float(kl_of(common.replace_leaves(params, done), batch, ref))
       bar.update()
   bar.close()
@@ -324,7 +347,8 @@ def _solve(candidates, units, budget, sensitivity, max_states) -> Allocation:
 
 def allocate(params, calib, budget_bits_per_weight: float, candidates: Sequence[QuantSpec], *,
              where: sel.Where = None, sensitivity: Sensitivity = DEFAULT_SENSITIVITY,
-             kl_batches: int = 2, max_states: int = core.MAX_STATES) -> Allocation:
+             kl_batches: int = 2, max_states: int = core.MAX_STATES,
+             quantizer: Callable | None = None) -> Allocation:
   """Choose one of `candidates` per unit (weights sharing an input) minimising the summed predicted error with
   the stored bytes of the selected weights <= budget_bits_per_weight x (their number) / 8.
 
@@ -339,6 +363,11 @@ def allocate(params, calib, budget_bits_per_weight: float, candidates: Sequence[
     kl_batches: how many calibration batches measure the KL factors (KL_WEIGHTED: one forward per unit and
       batch, plus one of the float model per batch).
     max_states: the exact programme gives up (keeping the greedy + fix-up result) above this front size.
+    quantizer: whose output error scores the candidates: None for round-to-nearest (analytic: one quantize per
+      weight and candidate); a transform with `lowbit_jax.gptq`'s signature (e.g. `functools.partial(lb.gptq,
+      act_order=True)`) scores what that transform stores, at one run of it per candidate. Give the transform
+      `Allocation.apply` will run: GPTQ lowers some units' errors far more than others', which RTN's errors do
+      not predict (on SmolLM2-135M the RTN-scored allocation lost to uniform GPTQ act-order at 4.6 bits/weight).
 
   Raises:
     ValueError: naming the argument or key path, for a bad budget or candidates, a budget below what the
@@ -354,10 +383,12 @@ def allocate(params, calib, budget_bits_per_weight: float, candidates: Sequence[
   if isinstance(kl_batches, bool) or not isinstance(kl_batches, int) or kl_batches < 1:
     raise ValueError(f"allocate: kl_batches must be a positive int, got {kl_batches!r}")
   common.check_calibration(calib, "allocate")
-  units, groups = _units(params, calib, candidates, where)
+  if quantizer is not None and not callable(quantizer):
+    raise ValueError(f"allocate: quantizer must be None or a transform such as lowbit_jax.gptq, got {quantizer!r}")
+  units, groups, measured = _units(params, calib, candidates, where, quantizer)
   _limit(units, budget)                                          # infeasible: say so before any forward
   if sensitivity is Sensitivity.KL_WEIGHTED:
-    units = _kl_factors(params, calib, candidates, units, groups, kl_batches)
+    units = _kl_factors(params, calib, candidates, units, groups, kl_batches, measured)
   return _solve(candidates, units, budget, sensitivity, max_states)
 
 

@@ -31,13 +31,14 @@ from lowbit_jax.spec import QuantSpec
 MAX_STATES = 1 << 18
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "layout"))
-def rtn_errors(leaf, hessian, *, specs: tuple[QuantSpec, ...], layout: WeightLayout):
-  """(errors (C, L), norms (L,)) of one leaf: tr(ΔWᵀ H ΔW) of round-to-nearest with each of `specs` along
-  `layout`'s contraction block, and tr(Wᵀ H W), for each of its L = prod(B) problems (one `lax.map` over them).
-  `hessian` (*B, K, K), or None for the identity (a weight without statistics: plain squared error)."""
+@functools.partial(jax.jit, static_argnames=("layout",))
+def output_errors(leaf, quantized, hessian, *, layout: WeightLayout):
+  """(errors (C, L), norms (L,)) of one leaf: tr(ΔWᵀ H ΔW) for each of the C float arrays in `quantized` (the
+  leaf's values as some quantizer stores them, in the leaf's layout), and tr(Wᵀ H W), for each of its
+  L = prod(B) problems (one `lax.map` over them). `hessian` (*B, K, K), or None for the identity (a weight without
+  statistics: plain squared error)."""
   k, n = layout.k, layout.n
-  w = layout.to_kn(jnp.asarray(leaf, jnp.float32)).reshape((-1, k, n))
+  w = layout.to_kn(jnp.asarray(leaf, jnp.float32)).reshape((-1, k, n))                  # (L, K, N)
   h = None if hessian is None else jnp.reshape(jnp.asarray(hessian, jnp.float32), (-1, k, k))
 
   def quad(d):                                                   # (L, K, N) -> (L,)
@@ -45,11 +46,14 @@ def rtn_errors(leaf, hessian, *, specs: tuple[QuantSpec, ...], layout: WeightLay
       return jnp.sum(d * d, axis=(1, 2))
     return lax.map(lambda dh: jnp.sum(dh[0] * jnp.matmul(dh[1], dh[0], precision=lax.Precision.HIGHEST)), (d, h))
 
-  errs = []
-  for spec in specs:                                             # candidates: static, a few
-    deq = layout.quantize(leaf, spec).dequantize()
-    errs.append(quad(layout.to_kn(deq.astype(jnp.float32)).reshape((-1, k, n)) - w))
+  errs = [quad(layout.to_kn(jnp.asarray(q, jnp.float32)).reshape((-1, k, n)) - w) for q in quantized]
   return jnp.stack(errs), quad(w)
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "layout"))
+def rtn_errors(leaf, hessian, *, specs: tuple[QuantSpec, ...], layout: WeightLayout):
+  """`output_errors` of round-to-nearest with each of `specs` along `layout`'s contraction block."""
+  return output_errors(leaf, [layout.quantize(leaf, spec).dequantize() for spec in specs], hessian, layout=layout)
 
 
 def stored_nbytes(shape, dtype, spec: QuantSpec, layout: WeightLayout) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from lowbit_jax.checks import as_int
 from lowbit_jax.models.llama import KVCache, Llama, LlamaConfig, init_cache
 
 Params = Any
@@ -128,14 +129,15 @@ def perplexity(apply_fn: ApplyFn, params: Params, tokens: Any, *, seq_len: int, 
     tokens: 1-D integer token stream, every id < vocab.
 
   Raises:
-    ValueError: tokens not 1-D integers, seq_len < 2, batch_size < 1, fewer than seq_len tokens, ids out of the
-      vocabulary, or apply_fn returning logits of the wrong shape/dtype.
+    ValueError: tokens not 1-D integers, seq_len < 2, batch_size < 1 (or not ints), fewer than seq_len tokens, ids
+      out of the vocabulary, apply_fn returning logits of the wrong shape/dtype, or a window whose log-likelihood
+      is NaN/inf (naming the window).
   """
   stream = _as_token_stream(tokens)
-  if seq_len < 2:
-    raise ValueError(f"seq_len must be >= 2 (a window's first token is never scored), got {seq_len}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not callable(apply_fn):
+    raise ValueError(f"perplexity: apply_fn must be a callable (params, tokens) -> logits, got {apply_fn!r}")
+  seq_len = as_int(seq_len, "perplexity: seq_len (a window's first token is never scored)", low=2)
+  batch_size = as_int(batch_size, "perplexity: batch_size", low=1)
   n_windows = stream.shape[0] // seq_len
   if n_windows == 0:
     raise ValueError(f"{stream.shape[0]} tokens are too few for one window of seq_len={seq_len}")
@@ -159,8 +161,14 @@ def perplexity(apply_fn: ApplyFn, params: Params, tokens: Any, *, seq_len: int, 
   total = 0.0
   for i in tqdm(range(n_batches), desc=f"perplexity ({n_windows} x {seq_len} tokens)", disable=not progress):
     sl = slice(i * batch_size, (i + 1) * batch_size)
-    nll = _window_nll(apply_fn, params, jnp.asarray(windows[sl]), jnp.asarray(weights[sl]))
-    total += float(np.sum(np.asarray(nll, dtype=np.float64)))
+    nll = np.asarray(_window_nll(apply_fn, params, jnp.asarray(windows[sl]), jnp.asarray(weights[sl])), np.float64)
+    real = nll[:max(0, min(batch_size, n_windows - i * batch_size))]   # padded windows are masked out
+    if not np.all(np.isfinite(real)):
+      w = i * batch_size + int(np.flatnonzero(~np.isfinite(real))[0])
+      raise ValueError(f"perplexity: window {w} (tokens {w * seq_len}:{(w + 1) * seq_len}) has a non-finite "
+                       f"negative log-likelihood ({real[w - i * batch_size]}); expected finite logits from apply_fn "
+                       f"(NaN/inf logits)")
+    total += float(np.sum(real))
   n_tokens = n_windows * (seq_len - 1)
   nll = total / n_tokens
   return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, n_windows=n_windows)

@@ -91,6 +91,12 @@ class WeightLayout:
     perm = self.map_axes + self.contract_axes + self.out_axes
     return jnp.transpose(x, perm).reshape(self.b_shape + (self.k, self.n))     # (*B, K, N)
 
+  def kn_to_leaf(self, x):
+    """A float (*B, K, N) array back in this leaf's layout (the inverse of `to_kn`)."""
+    perm = self.map_axes + self.contract_axes + self.out_axes
+    x = jnp.reshape(x, tuple(self.shape[a] for a in perm))
+    return jnp.transpose(x, tuple(perm.index(a) for a in range(len(self.shape))))
+
   def from_kn(self, q: QArray) -> QArray:
     """A QArray of logical shape (*B, K, N) quantized along -2, in this leaf's layout (same bytes)."""
     if tuple(q.shape) != self.b_shape + (self.k, self.n) or q.k_axes != (len(self.b_shape),):

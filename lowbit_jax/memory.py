@@ -2,7 +2,8 @@
 
 Works on concrete arrays and on abstract shapes alike (`jax.ShapeDtypeStruct`, e.g. the output of
 `jax.eval_shape(lambda p: lowbit_jax.rtn(p, None, spec), abstract_params)`), so a 70B-parameter model is reported
-without allocating it. Bytes are what is stored: QArray codes with their padding, scales and zero points.
+without allocating it. Bytes are what is stored: QArray codes with their padding, scales and zero points; a Sparse24's kept values
+and its 2-bit position metadata (`lowbit_jax.sparse`).
 """
 from __future__ import annotations
 
@@ -95,10 +96,15 @@ def _kind(q: QArray) -> str:
 
 def memory_report(tree) -> MemoryReport:
   """Per-leaf and total bytes of a pytree of arrays, abstract shapes and QArrays."""
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))[0]
+  from lowbit_jax.sparse import Sparse24
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, (QArray, Sparse24)))[0]
   leaves = []
   for path, leaf in flat:
-    if isinstance(leaf, QArray):
+    if isinstance(leaf, Sparse24):
+      v = leaf.values
+      kind = "2:4 sparse " + (_kind(v) if isinstance(v, QArray) else np.dtype(v.dtype).name)
+      leaves.append(LeafMemory(sel.path_str(path), leaf.shape, kind, leaf.size, leaf.nbytes))
+    elif isinstance(leaf, QArray):
       leaves.append(LeafMemory(sel.path_str(path), leaf.shape, _kind(leaf), leaf.size, leaf.nbytes))
     elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
       n = math.prod(leaf.shape)

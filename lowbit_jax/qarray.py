@@ -52,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
 from lowbit_jax import formats
+from lowbit_jax.checks import check_array, check_finite_outputs
 from lowbit_jax.formats import FORMATS, PACKED, packing
 from lowbit_jax.spec import Format, PerGroup, PerTensor, QuantSpec
 
@@ -201,12 +202,13 @@ def dequantize(tree):
   dtype and logical shape), every other leaf as it is. Each QArray is decoded by one compiled function per
   shape and spec rather than op by op (SmolLM2-135M's 211 QArrays: ~2 s instead of ~17 s); works inside `jax.jit`
   too."""
-  return jax.tree.map(lambda l: _dequantize_leaf(l) if isinstance(l, QArray) else l, tree,
-                      is_leaf=lambda l: isinstance(l, QArray))
+  from lowbit_jax.sparse import Sparse24   # its values may be QArrays: imported here, not at the top
+  packed = lambda l: isinstance(l, (QArray, Sparse24))
+  return jax.tree.map(lambda l: _dequantize_leaf(l) if packed(l) else l, tree, is_leaf=packed)
 
 
 @jax.jit
-def _dequantize_leaf(q: QArray):
+def _dequantize_leaf(q):
   return q.dequantize()
 
 
@@ -271,12 +273,26 @@ def check_quantizable(x, spec: QuantSpec, path: str | None = None) -> None:
 
 
 def quantize(x, spec: QuantSpec, *, path: str | None = None) -> QArray:
-  """Quantize one float array. Jit-able with `spec` static. `path` only labels errors."""
+  """Quantize one float array. Jit-able with `spec` static. `path` only labels errors.
+
+  Raises:
+    ValueError: naming `path`, for an `x` that is not a float array, NaN/inf in `x`, a `spec` that is not a
+      QuantSpec or does not fit `x`, and (outside `jit`) a result whose scales overflow to NaN/inf.
+  """
+  if path is not None and not isinstance(path, str):
+    raise ValueError(f"quantize: path must be None or a str (it labels errors), got {type(path).__name__}")
+  check_array(x, f"quantize: {_where(path)}x")
+  if not isinstance(spec, QuantSpec):
+    raise ValueError(f"quantize: spec must be a lowbit_jax.QuantSpec (e.g. lowbit_jax.int_spec(4, "
+                     f"group_size=128)), got {spec!r}")
   check_quantizable(x, spec, path)
   lay = _layout(x.shape, spec, path)
   if spec.axis != lay.axis:   # store the axis negative, so leading vmap/pmap/scan axes never shift it
     spec = dataclasses.replace(spec, granularity=dataclasses.replace(spec.granularity, axis=lay.axis))
-  return _quantize(jnp.asarray(x), spec, lay)
+  q = _quantize(jnp.asarray(x), spec, lay)
+  if not isinstance(x, jax.core.Tracer):
+    check_finite_outputs([(path or "quantize(x)", q)], "quantize")
+  return q
 
 
 def _quantize(x, spec: QuantSpec, lay: _Layout) -> QArray:

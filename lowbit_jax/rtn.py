@@ -19,6 +19,7 @@ import jax
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.checks import check_finite_outputs
 from lowbit_jax.layout import WeightLayout
 from lowbit_jax.qarray import QArray, check_quantizable, quantize
 from lowbit_jax.spec import QuantSpec, int_spec
@@ -74,7 +75,8 @@ def rtn(params, calib=None, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where 
 
   Raises:
     ValueError: naming the key path, for an empty selection, non-float leaves, a missing contraction axis,
-      a non-dividing group size under `strict`, NaN/inf weights, or weights the function never uses.
+      a non-dividing group size under `strict`, NaN/inf weights, weights the function never uses, or a result
+      whose scales overflow to NaN/inf (checked with one reduction per leaf).
   """
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"rtn: expected a QuantSpec, got {spec!r}")
@@ -99,6 +101,8 @@ def rtn(params, calib=None, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where 
 
   out = jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QArray))
   bar.close()
+  flat = dict(jax.tree_util.tree_flatten_with_path(out, is_leaf=lambda x: isinstance(x, QArray))[0])
+  check_finite_outputs(((sel.path_repr(p), flat[p]) for p in chosen), "rtn")
   return out
 
 

@@ -59,7 +59,11 @@ def as_predicate(where: Where) -> Callable[[str, Any], bool]:
   if where is None:
     return is_linear_weight
   if isinstance(where, str):
-    where = re.compile(where)
+    try:
+      where = re.compile(where)
+    except re.error as e:
+      raise ValueError(f"where: {where!r} is not a valid key-path regex ({e}); expected a regex matched against "
+                       f"'a/b/kernel' paths, None or a predicate (path, leaf) -> bool") from e
   if isinstance(where, re.Pattern):
     pattern = where
     return lambda path, leaf: pattern.search(path) is not None

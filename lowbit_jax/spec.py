@@ -36,6 +36,8 @@ from typing import Union
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax.checks import as_bool, as_float, as_int, check_enum
+
 
 class Format(enum.Enum):
   """The value sets a code can stand for."""
@@ -83,17 +85,10 @@ class ClipSearch:
   norm: float = 2.4
 
   def __post_init__(self):
-    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-      raise ValueError(f"ClipSearch.steps must be an int >= 1, got {self.steps!r}")
-    for name in ("max_shrink", "norm"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-        raise ValueError(f"ClipSearch.{name} must be a finite float, got {v!r}")
-      object.__setattr__(self, name, float(v))
-    if not 0.0 <= self.max_shrink < 1.0:
-      raise ValueError(f"ClipSearch.max_shrink must lie in [0, 1), got {self.max_shrink!r}")
-    if self.norm <= 0:
-      raise ValueError(f"ClipSearch.norm must be > 0, got {self.norm!r}")
+    object.__setattr__(self, "steps", as_int(self.steps, "ClipSearch.steps", low=1))
+    object.__setattr__(self, "max_shrink", as_float(self.max_shrink, "ClipSearch.max_shrink", low=0.0, high=1.0,
+                                                    high_open=True))
+    object.__setattr__(self, "norm", as_float(self.norm, "ClipSearch.norm", low=0.0, low_open=True))
 
   @property
   def ratios(self) -> np.ndarray:
@@ -110,11 +105,17 @@ class PerTensor:
   """One scale per tensor (per entry of the axes before `axis`, the stack axes); codes are packed along `axis`."""
   axis: int = -2
 
+  def __post_init__(self):
+    object.__setattr__(self, "axis", as_int(self.axis, f"{type(self).__name__}.axis"))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PerChannel:
   """Scales shared along the contraction `axis`; one per index of every other axis."""
   axis: int = -2
+
+  def __post_init__(self):
+    object.__setattr__(self, "axis", as_int(self.axis, f"{type(self).__name__}.axis"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,8 +125,8 @@ class PerGroup:
   axis: int = -2
 
   def __post_init__(self):
-    if not isinstance(self.size, int) or self.size < 1:
-      raise ValueError(f"PerGroup.size must be a positive int, got {self.size!r}")
+    object.__setattr__(self, "size", as_int(self.size, "PerGroup.size (group_size)", low=1))
+    object.__setattr__(self, "axis", as_int(self.axis, "PerGroup.axis"))
 
 
 Granularity = Union[PerTensor, PerChannel, PerGroup]
@@ -146,16 +147,11 @@ class ActQuant:
   outlier_threshold: float | None = None
 
   def __post_init__(self):
-    if isinstance(self.bits, bool) or self.bits != 8:
-      raise ValueError(f"ActQuant.bits: only 8-bit activations are supported, got bits={self.bits!r}")
-    if not isinstance(self.per_token, bool):
-      raise ValueError(f"ActQuant.per_token must be a bool, got {self.per_token!r}")
-    t = self.outlier_threshold
-    if t is not None:
-      if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) \
-          or t < 0:
-        raise ValueError(f"ActQuant.outlier_threshold must be None or a finite float >= 0, got {t!r}")
-      object.__setattr__(self, "outlier_threshold", float(t))
+    as_int(self.bits, "ActQuant.bits (only 8-bit activations are supported)", choices=(8,))
+    object.__setattr__(self, "per_token", as_bool(self.per_token, "ActQuant.per_token"))
+    if self.outlier_threshold is not None:
+      object.__setattr__(self, "outlier_threshold",
+                         as_float(self.outlier_threshold, "ActQuant.outlier_threshold (or None)", low=0.0))
 
 # Storage width in bits of one code, per format (INT takes it from `bits`).
 _FIXED_BITS = {Format.TERNARY: 2, Format.NF4: 4, Format.FP8_E4M3: 8, Format.FP8_E5M2: 8}
@@ -179,7 +175,8 @@ class QuantSpec:
       of `dq_group_size` (needs `PerGroup`).
     dq_group_size: block size of the second-level quantization (QLoRA: 256).
     activations: `ActQuant` to quantize the activations of every matmul with this weight too (W8A8,
-      LLM.int8()); needs 8-bit INT weights, or FP8 weights (FP8 activations; no outlier threshold). None:
+      LLM.int8()); needs 8-bit INT weights, ternary weights (BitNet b1.58: int8 activations), or FP8 weights (FP8
+      activations); ternary and FP8 take no outlier threshold. None:
       weight-only.
     grid: `SymGrid` of a symmetric INT spec (None: `DEFAULT_SYM_GRID`); must stay None otherwise.
     zero_point: `ZeroPoint` of an asymmetric INT spec (None: `ZeroPoint.INTEGER`); must stay None otherwise.
@@ -199,17 +196,19 @@ class QuantSpec:
   clip: ClipSearch | None = None
 
   def __post_init__(self):
-    if not isinstance(self.format, Format):
-      raise ValueError(f"QuantSpec.format must be a lowbit_jax.Format, got {self.format!r}")
+    check_enum(self.format, Format, "QuantSpec.format")
+    for name in ("symmetric", "strict", "double_quant"):
+      object.__setattr__(self, name, as_bool(getattr(self, name), f"QuantSpec.{name}"))
     if self.format is Format.INT:
-      if self.bits not in _INT_BITS:
+      if self.bits is None or as_int(self.bits, "QuantSpec.bits") not in _INT_BITS:
         raise ValueError(f"QuantSpec: Format.INT supports bits in {_INT_BITS}, got bits={self.bits!r}")
     else:
       fixed = _FIXED_BITS[self.format]
       if self.bits is None:
         object.__setattr__(self, "bits", fixed)
-      elif self.bits != fixed:
+      elif as_int(self.bits, "QuantSpec.bits") != fixed:
         raise ValueError(f"QuantSpec: {self.format} stores {fixed}-bit codes, got bits={self.bits!r}")
+    object.__setattr__(self, "bits", int(self.bits))
     if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
       raise ValueError(
           f"QuantSpec.granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
@@ -225,8 +224,7 @@ class QuantSpec:
     object.__setattr__(self, "scale_dtype", scale_dtype)
     if self.double_quant and not isinstance(self.granularity, PerGroup):
       raise ValueError("QuantSpec.double_quant needs PerGroup granularity (it quantizes the per-group scales)")
-    if not isinstance(self.dq_group_size, int) or self.dq_group_size < 1:
-      raise ValueError(f"QuantSpec.dq_group_size must be a positive int, got {self.dq_group_size!r}")
+    object.__setattr__(self, "dq_group_size", as_int(self.dq_group_size, "QuantSpec.dq_group_size", low=1))
     self._check_activations()
     self._check_grid()
 
@@ -261,13 +259,13 @@ class QuantSpec:
     if not isinstance(act, ActQuant):
       raise ValueError(f"QuantSpec.activations must be a lowbit_jax.ActQuant or None, got {act!r}")
     fp8 = self.format in (Format.FP8_E4M3, Format.FP8_E5M2)
-    if not (fp8 or (self.format is Format.INT and self.bits == 8)):
-      raise ValueError(f"QuantSpec.activations: 8-bit activations need 8-bit INT or FP8 weights (W8A8), got "
-                       f"{self.format} with bits={self.bits}")
+    if not (fp8 or self.format is Format.TERNARY or (self.format is Format.INT and self.bits == 8)):
+      raise ValueError(f"QuantSpec.activations: 8-bit activations need 8-bit INT or FP8 weights (W8A8), or "
+                       f"ternary weights (BitNet b1.58's W1.58A8), got {self.format} with bits={self.bits}")
     if self.zero_point is ZeroPoint.FLOAT:
       raise ValueError("QuantSpec.activations: 8-bit activations need integer (or implicit) zero points; a float "
                        "offset (ZeroPoint.FLOAT) has no integer matmul")
-    if fp8 and act.outlier_threshold is not None:
+    if self.format is not Format.INT and act.outlier_threshold is not None:
       raise ValueError(f"QuantSpec.activations: LLM.int8()'s outlier_threshold needs 8-bit INT weights, got "
                        f"{self.format}")
 
@@ -315,10 +313,12 @@ def fp8_spec(fmt: Format = Format.FP8_E4M3, *, per_channel: bool = False, axis: 
   """FP8 (E4M3 or E5M2) with a per-tensor (default) or per-channel scale."""
   if fmt not in (Format.FP8_E4M3, Format.FP8_E5M2):
     raise ValueError(f"fp8_spec: expected Format.FP8_E4M3 or Format.FP8_E5M2, got {fmt}")
+  as_bool(per_channel, "fp8_spec: per_channel")
   return QuantSpec(format=fmt, granularity=PerChannel(axis=axis) if per_channel else PerTensor(axis=axis))
 
 
 def ternary_spec(*, per_channel: bool = False, axis: int = -2) -> QuantSpec:
   """BitNet b1.58: codes {-1, 0, +1}, absmean scale per tensor (the paper) or per channel."""
+  as_bool(per_channel, "ternary_spec: per_channel")
   return QuantSpec(format=Format.TERNARY,
                    granularity=PerChannel(axis=axis) if per_channel else PerTensor(axis=axis))

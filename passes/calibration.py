@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
+from lowbit_jax.checks import as_float, third_party_errors
 from lowbit_jax.passes import capture, trace
 from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats
 from lowbit_jax.passes.interpreter import Ctx
@@ -154,6 +155,10 @@ def _structure(batch):
 
 def _check_batch(i: int, batch, ref) -> None:
   tree, leaves = _structure(batch)
+  for path, shape, _ in leaves:
+    if 0 in shape:
+      raise ValueError(f"calibrate: batches[{i}]{jax.tree_util.keystr(path)} has shape {shape} (no rows); "
+                       f"expected non-empty batches")
   if tree != ref[0]:
     raise ValueError(f"calibrate: batch {i} has structure {tree}; expected the structure of batch 0: {ref[0]}")
   for (path, shape, dtype), (_, rshape, rdtype) in zip(leaves, ref[1]):
@@ -188,18 +193,23 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
   stats = frozenset(stats)
   if not stats or not all(isinstance(s, Stat) for s in stats):
     raise ValueError(f"calibrate: stats must be a non-empty collection of lowbit_jax.passes.Stat, got {stats!r}")
+  if not callable(apply_fn):
+    raise ValueError(f"calibrate: apply_fn must be a callable apply_fn(params, batch), got {apply_fn!r}")
+  outlier_threshold = as_float(outlier_threshold, "calibrate: outlier_threshold", low=0.0)
+  if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+    raise ValueError(f"calibrate: batches must be an iterable of batches (e.g. a list of arrays), got "
+                     f"{type(batches).__name__}")
   batches = tuple(batches)
   if not batches:
     raise ValueError("calibrate: batches is empty; expected at least one batch")
   ref = _structure(batches[0])
+  _check_batch(0, batches[0], ref)
   described = [(jax.tree_util.keystr(p), shape, str(d)) for p, shape, d in ref[1]]
 
   def guarded(p, batch):
-    try:
+    with third_party_errors(f"calibrate: apply_fn(params, batch) failed while tracing (batch leaves {described}); "
+                            f"expected params and batches that match the function"):
       return apply_fn(p, batch)
-    except Exception as e:
-      raise ValueError(f"calibrate: apply_fn(params, batch) failed while tracing (batch leaves {described}); "
-                       f"expected params and batches that match the function: {type(e).__name__}: {e}") from e
 
   found = analyze(guarded, params, batches[0], where=where)
   chosen = {p: leaf for p, leaf in found.candidates.items() if p in found.selected}

@@ -15,6 +15,7 @@ from jax import lax
 
 from lowbit_jax import kernels, qviews
 from lowbit_jax.qarray import QArray
+from lowbit_jax.sparse import Sparse24, sparse24_matmul
 
 
 def _full_leading(q: QArray, n: int) -> QArray:
@@ -30,6 +31,8 @@ def dot_general(x, q: QArray, *, x_contract, w_contract, x_batch, w_batch, w_is_
   Output layout as `dot_general`: batch axes, then the lhs free axes, then the rhs free axes."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise qviews.ViewError(f"activations of dtype {x.dtype}")
+  if isinstance(q, Sparse24):
+    return _sparse_dot(x, q, x_contract=x_contract, w_contract=w_contract, w_batch=w_batch, w_is_lhs=w_is_lhs)
   nd = q.ndim
   wc = tuple(d % nd for d in w_contract)
   wb = tuple(d % nd for d in w_batch)
@@ -59,6 +62,15 @@ def dot_general(x, q: QArray, *, x_contract, w_contract, x_batch, w_batch, w_is_
   return out
 
 
+def _sparse_dot(x, q: Sparse24, *, x_contract, w_contract, w_batch, w_is_lhs: bool):
+  """A 2-D Sparse24 (K, N) contracted over K with one axis of x, no batch axes: `sparse.sparse24_matmul`."""
+  if q.ndim != 2 or w_batch or tuple(d % 2 for d in w_contract) != (0,) or w_is_lhs:
+    raise qviews.ViewError("a 2:4 sparse weight runs packed only as the right operand of x @ W (K, N) over K")
+  xc = x_contract[0] % x.ndim
+  xm = jnp.moveaxis(x, xc, -1)
+  return sparse24_matmul(xm, q)
+
+
 def group_ids(group_sizes, m: int):
   """The group of each of `m` rows sorted by group (`ragged_dot`'s convention); rows past the total get G."""
   ends = jnp.cumsum(group_sizes)
@@ -71,7 +83,7 @@ def ragged_dot(x, q: QArray, group_sizes, *, x_contract: int, w_contract: int, w
 
   The reference runs every expert's packed matmul over all rows and keeps each row's own (G x the dense cost,
   never a float copy of a weight); a grouped Pallas kernel is the fast path to add."""
-  if x.ndim != 2 or q.ndim != 3 or x_contract != 1:
+  if isinstance(q, Sparse24) or x.ndim != 2 or q.ndim != 3 or x_contract != 1:
     raise qviews.ViewError("ragged_dot other than (M, K) x (G, K, N)")
   w_contract, w_group = w_contract % 3, w_group % 3
   if q.k_axes != (w_contract,):

@@ -28,6 +28,7 @@ from lowbit_jax.memory import human_bytes
 from lowbit_jax.passes import trace
 from lowbit_jax.passes.values import Impl, SiteRun, WeightHandler, is_array
 from lowbit_jax.qarray import QArray
+from lowbit_jax.sparse import Sparse24
 from lowbit_jax.select import path_repr
 
 
@@ -101,7 +102,7 @@ class QuantizedFn:
 
   def __call__(self, params, *args, **kwargs):
     handler = WeightHandler(backend=self.backend)
-    out, ctx = trace.evaluate(self.apply_fn, params, args, kwargs, handler)
+    out, ctx = trace.evaluate(self.apply_fn, params, args, kwargs, handler, op="quantized")
     self.last_notes, self.last_sites = list(ctx.notes), list(ctx.sites)
     return out
 
@@ -109,13 +110,15 @@ class QuantizedFn:
     """Trace `self(qparams, *args, **kwargs)` abstractly (nothing runs) and say, for every QArray leaf, which
     implementation runs at each of its sites and whether its bytes stay packed."""
     box = {}
-    leaves, tree = jax.tree.flatten((qparams, args, kwargs), is_leaf=lambda x: isinstance(x, QArray))
-    dynamic = [isinstance(x, QArray) or is_array(x) for x in leaves]
+    packed = lambda x: isinstance(x, (QArray, Sparse24))
+    leaves, tree = jax.tree.flatten((qparams, args, kwargs), is_leaf=packed)
+    dynamic = [packed(x) or is_array(x) for x in leaves]
 
     def run(*dyn):
       it = iter(dyn)
       p, a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-      out, ctx = trace.evaluate(self.apply_fn, p, a, kw, WeightHandler(backend=self.backend, warn=False))
+      out, ctx = trace.evaluate(self.apply_fn, p, a, kw, WeightHandler(backend=self.backend, warn=False),
+                                op="quantized(...).report")
       box["ctx"] = ctx
       return out
 
@@ -123,9 +126,9 @@ class QuantizedFn:
     runs: dict[str, list] = {}
     for r in box["ctx"].runs:
       runs.setdefault(r.where, []).append(r)
-    flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QArray))[0]
+    flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=packed)[0]
     weights = tuple(WeightRun(p, q.nbytes, q.size * q.dtype.itemsize, tuple(runs.get(path_repr(p), ())))
-                    for p, q in flat if isinstance(q, QArray))
+                    for p, q in flat if packed(q))
     return RunReport(weights)
 
 

@@ -27,6 +27,7 @@ from lowbit_jax.passes import origin as orig
 from lowbit_jax.passes import qdot, views
 from lowbit_jax.passes.interpreter import Ctx, Handler, bind
 from lowbit_jax.qarray import QArray
+from lowbit_jax.sparse import Sparse24
 
 
 @register_pytree_node_class
@@ -155,6 +156,8 @@ class WeightHandler(Handler):
       if new_origin is None or v.index is not None and name not in views.WHOLE:
         return None
       return [Tagged(bind(eqn, [v.array, *rest]), new_origin, v.index)]
+    if isinstance(v.q, Sparse24):   # no views of the 2:4 format yet: a float copy, recorded
+      return [bind(eqn, [self.materialize(v, ctx, name, "a view of a 2:4 sparse weight"), *rest])]
     try:
       q = views.qarray(v.q, view)
     except qviews.ViewError as e:
@@ -181,6 +184,8 @@ class WeightHandler(Handler):
                             gathered=v.origin.gathered + ((leaf_axis,) if leaf_axis is not None else ()))
     if isinstance(v, Tagged):
       return [Tagged(bind(eqn, [v.array, idx]), o, idx[..., 0])]
+    if isinstance(v.q, Sparse24):
+      return [bind(eqn, [self.materialize(v, ctx, "gather", "a lookup of a 2:4 sparse weight"), idx])]
     try:
       q = qviews.take(v.q, dim, idx[..., 0])
     except qviews.ViewError as e:
@@ -219,6 +224,9 @@ class WeightHandler(Handler):
     return [bind(eqn, [_plain(v) for v in invals])]
 
   def _ran(self, w: QValue, primitive: str, ctx):
+    if isinstance(w.q, Sparse24):
+      ctx.run(SiteRun(w.origin.where, primitive, Impl.REFERENCE, "2:4 sparse reference", ctx.nesting))
+      return
     d = kernels.last_decision()
     impl = Impl.PALLAS if d is not None and d.backend is kernels.Backend.PALLAS else Impl.REFERENCE
     ctx.run(SiteRun(w.origin.where, primitive, impl, "" if d is None else d.reason, ctx.nesting))
@@ -319,6 +327,10 @@ class WeightHandler(Handler):
 
   # --- crossing boundaries --------------------------------------------------------------------------------
   def prepare_scan_xs(self, v, ctx):
+    if isinstance(v, QValue) and isinstance(v.q, Sparse24):   # every leaf has the stack axis leading
+      vals = v.q.values
+      vals = qviews.broadcast_leading(vals) if isinstance(vals, QArray) else vals
+      return QValue(Sparse24(vals, v.q.meta, k=v.q.k, dtype=v.q.dtype), v.origin)
     if isinstance(v, QValue):
       try:
         return QValue(qviews.broadcast_leading(v.q), v.origin)

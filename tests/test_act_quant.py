@@ -66,7 +66,7 @@ def test_invalid_act_quant(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(format=Format.INT, bits=4), "8-bit INT or FP8"),
     (dict(format=Format.NF4, granularity=PerGroup(size=64)), "8-bit INT or FP8"),
-    (dict(format=Format.TERNARY), "8-bit INT or FP8"),
+    (dict(format=Format.TERNARY, act=ActQuant(outlier_threshold=6.0)), "needs 8-bit INT"),   # W1.58A8 is legal
     (dict(format=Format.FP8_E4M3, act=ActQuant(outlier_threshold=6.0)), "needs 8-bit INT"),
     (dict(format=Format.INT, bits=8, act="int8"), "ActQuant"),
 ])

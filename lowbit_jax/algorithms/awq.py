@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms import awq_core, common
 from lowbit_jax.algorithms.common import Target
+from lowbit_jax.checks import as_bool, as_float, as_int, check_finite_outputs
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.passes.fold import FoldTarget, fold_scales, group_target
 from lowbit_jax.qarray import QArray, with_in_scale
@@ -65,21 +66,33 @@ def _check(t: Target, spec: QuantSpec) -> None:
     return
   lay, st = t.layout, t.wc.stats
   need = "Stat.HESSIAN and Stat.ABS_MEAN"
-  common.check_stat(t, "Hessian", st.xtx, lay.b_shape + (lay.k, lay.k), need, "awq")
-  common.check_stat(t, "mean |x| (ABS_MEAN)", st.abs_sum, lay.b_shape + (lay.k,), need, "awq")
-  if int(np.max(np.asarray(t.wc.count))) == 0:
-    raise ValueError(f"{t.where}: the calibration saw no rows for this weight; expected a non-empty calibration")
+  common.check_stat(t, "Hessian", st.xtx, lay.b_shape + (lay.k, lay.k), need, "awq", inf_ok=True)
+  common.check_stat(t, "mean |x| (ABS_MEAN)", st.abs_sum, lay.b_shape + (lay.k,), need, "awq", inf_ok=True)
+
+
+def _degenerate(group: list[Target], H: np.ndarray, m: np.ndarray, op: str, strict: bool) -> np.ndarray:
+  """The (L,) layers of a group whose statistics AWQ must not search with (warned, or raised under `strict`)."""
+  diag = np.diagonal(H, axis1=-2, axis2=-1)
+  return common.degenerate(group, {
+      "its activations are all zero (or no row was seen)": common.all_zero(m),
+      "its activations overflow float32 (an inf Hessian or mean |x|)": common.overflowing(H, 2)
+      | common.overflowing(m, 1),
+      "every input channel's |x| is constant over the calibration rows (a rank-1 Hessian: the scale and clip "
+      "searches would clip weights freely)": common.constant(diag, m) & ~common.all_zero(m)}, op, strict)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_grid", "clip", "max_shrink"))
-def _search_group(Ws: tuple, H, m, *, spec: QuantSpec, n_grid: int, clip: bool, max_shrink: float):
+def _search_group(Ws: tuple, H, m, bad, *, spec: QuantSpec, n_grid: int, clip: bool, max_shrink: float):
   """`awq_core.awq_layer` over the leading axis L of every W (L, K, N_i), H (L, K, K) and mean |x| m (L, K), then
-  each member quantized: (s (L, K), QArrays (L, K, N_i) along -2 of s ⊙ W_c with in_scale s, standing for W_c)."""
+  each member quantized: (s (L, K), QArrays (L, K, N_i) along -2 of s ⊙ W_c with in_scale s, standing for W_c).
+  The layers in `bad` (L,) get s = 1 and no clipping: round-to-nearest of W."""
   def one(args):
-    ws, h, mean = args
+    ws, h, mean, b = args
+    h = jnp.where(b, jnp.eye(h.shape[0], dtype=h.dtype), h)
+    mean = jnp.where(b, 1.0, mean)
     s, _, clipped = awq_core.awq_layer(ws, h, mean, spec=spec, n_grid=n_grid, clip=clip, max_shrink=max_shrink)
-    return s, clipped
-  s, clipped = lax.map(one, (Ws, H, m))
+    return jnp.where(b, 1.0, s), tuple(jnp.where(b, w, c) for w, c in zip(ws, clipped))
+  s, clipped = lax.map(one, (Ws, H, m, bad))
   return s, tuple(with_in_scale(w, s, spec) for w in clipped)
 
 
@@ -96,19 +109,16 @@ def _fold_target(group: list[Target], targets: dict) -> FoldTarget | None:
   return t
 
 
-def _check_options(n_grid, clip, max_shrink, fold) -> None:
-  if not isinstance(fold, bool):
-    raise ValueError(f"awq: fold must be a bool, got {fold!r}")
-  if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 1:
-    raise ValueError(f"awq: n_grid must be a positive int, got {n_grid!r}")
-  if not isinstance(clip, bool):
-    raise ValueError(f"awq: clip must be a bool, got {clip!r}")
-  if isinstance(max_shrink, bool) or not isinstance(max_shrink, (int, float)) or not 0.0 <= max_shrink < 1.0:
-    raise ValueError(f"awq: max_shrink must be a float in [0, 1), got {max_shrink!r}")
+def _check_options(n_grid, clip, max_shrink, fold, strict) -> None:
+  as_bool(fold, "awq: fold")
+  as_int(n_grid, "awq: n_grid", low=1)
+  as_bool(clip, "awq: clip")
+  as_float(max_shrink, "awq: max_shrink", low=0.0, high=1.0, high_open=True)
+  common.check_strict(strict, "awq")
 
 
 def awq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where = None, n_grid: int = 20,
-        clip: bool = True, max_shrink: float = 0.5, fold: bool = True):
+        clip: bool = True, max_shrink: float = 0.5, fold: bool = True, strict: bool = False):
   """Quantize the calibrated weights of `params` with AWQ; returns a new tree with QArray leaves.
 
   Args:
@@ -123,6 +133,9 @@ def awq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: se
     max_shrink: the clip search tries clamp ranges down to (1 - max_shrink) of each block's absmax.
     fold: fold s into the preceding per-channel parameter where the graph allows (norm -> linears; traced once
       from `calib.apply_fn` on the first calibration batch, see `passes/fold.py`).
+    strict: raise instead of warning (`lowbit_jax.DegenerateStatisticsWarning`) and quantizing round-to-nearest
+      (s = 1, no clipping) the weights of a group (or layer of a stack) whose calibration is degenerate: all-zero,
+      overflowing, or constant activations (every channel's |x| the same in every row).
 
   Returns:
     A tree like `params` with the selected weights replaced by QArrays whose `in_scale` is the searched s; with
@@ -130,11 +143,11 @@ def awq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: se
 
   Raises:
     ValueError: naming the key path, for a non-integer spec, a calibration from another model, missing or NaN
-      statistics, NaN weights, or unsupported bits/group combinations.
+      statistics, NaN weights, unsupported bits/group combinations, or a result with NaN/inf.
   """
   common.check_calibration(calib, "awq")
   common.check_spec(spec, "awq", integer=True)
-  _check_options(n_grid, clip, max_shrink, fold)
+  _check_options(n_grid, clip, max_shrink, fold, strict)
   targets = common.calibrated_leaves(params, calib, where, "awq")
   for t in targets:
     _check(t, spec)
@@ -147,10 +160,11 @@ def awq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: se
   for group in groups:
     ft = _fold_target(group, fold_to)
     st, lay = group[0].wc.stats, group[0].layout
-    H = jnp.reshape(st.hessian, (-1, lay.k, lay.k)).astype(jnp.float32)
-    m = jnp.reshape(st.abs_mean, (-1, lay.k)).astype(jnp.float32)
-    s, qs = _search_group(tuple(t.kn(jnp.float32) for t in group), H, m, spec=kspec, n_grid=n_grid, clip=clip,
-                          max_shrink=float(max_shrink))
+    H = np.reshape(np.asarray(st.hessian, np.float32), (-1, lay.k, lay.k))
+    m = np.reshape(np.asarray(st.abs_mean, np.float32), (-1, lay.k))
+    bad = _degenerate(group, H, m, "awq", strict)
+    s, qs = _search_group(tuple(t.kn(jnp.float32) for t in group), jnp.asarray(H), jnp.asarray(m),
+                          jnp.asarray(bad), spec=kspec, n_grid=n_grid, clip=clip, max_shrink=float(max_shrink))
     for t, q in zip(group, qs):   # folded: the QArray stands for s ⊙ W_c, s goes into the norm
       q = QArray(q.codes, q.scale, q.zero, spec=q.spec, k=q.k_shape, dtype=np.dtype(t.leaf.dtype),
                  in_scale=None if ft is not None else q.in_scale)
@@ -159,5 +173,6 @@ def awq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: se
       folded[ft.leaf_path] = s.reshape(ft.leaf_shape)
     bar.update()
   bar.close()
+  check_finite_outputs(((sel.path_repr(p), q) for p, q in done.items()), "awq")
   out = common.replace_leaves(params, done)
   return fold_scales(out, folded) if folded else out

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax import select as sel
+from lowbit_jax.checks import DegenerateStatisticsWarning, as_bool
 from lowbit_jax.layout import WeightLayout
 from lowbit_jax.passes.calibration import Calibration, WeightCalibration
 from lowbit_jax.passes.fold import fold_targets
@@ -129,8 +130,10 @@ def check_weight(t: Target, spec: QuantSpec, op: str) -> None:
     raise ValueError(f"{t.where}: expected finite weights, found NaN/inf")
 
 
-def check_stat(t: Target, name: str, value, shape: tuple, stat: str, op: str) -> None:
-  """One statistic of `t`: collected, of `shape` (the layout's (*B, K[, K])), finite."""
+def check_stat(t: Target, name: str, value, shape: tuple, stat: str, op: str, *,
+               inf_ok: bool = False) -> None:
+  """One statistic of `t`: collected, of `shape` (the layout's (*B, K[, K])), without NaN, and without inf unless
+  `inf_ok` (a caller that treats overflowing activations as degenerate statistics, see `degenerate`)."""
   if value is None:
     raise ValueError(f"{t.where}: the calibration lacks the {name} of this weight's input; expected statistics "
                      f"collected with {stat} for {op}")
@@ -138,8 +141,9 @@ def check_stat(t: Target, name: str, value, shape: tuple, stat: str, op: str) ->
   if got != tuple(shape):
     raise ValueError(f"{t.where}: the calibration does not match this weight ({name} of shape {got} for a leaf of "
                      f"shape {tuple(np.shape(t.leaf))}); expected {tuple(shape)}, statistics from the same model")
-  if not bool(jnp.all(jnp.isfinite(value))):
-    raise ValueError(f"{t.where}: the calibration's {name} contains NaN/inf; expected finite statistics")
+  if not bool(jnp.all(~jnp.isnan(value) if inf_ok else jnp.isfinite(value))):
+    raise ValueError(f"{t.where}: the calibration's {name} contains {'NaN' if inf_ok else 'NaN/inf'}; expected "
+                     f"finite statistics")
 
 
 def input_groups(targets: list[Target]) -> list[list[Target]]:
@@ -196,3 +200,78 @@ def foldable(params, calib: Calibration) -> dict:
 def replace_leaves(params, done: dict):
   """`params` with the leaves whose key paths are in `done` replaced; a new tree."""
   return jax.tree_util.tree_map_with_path(lambda p, l: done.get(p, l), params, is_leaf=_is_q)
+
+
+# --- degenerate statistics: detected, not obeyed -------------------------------------------------------------
+# One rule per function; each maps a statistic of leading axes B to a (prod(B),) bool "this layer is degenerate".
+
+OVERFLOW = 2.0 ** 64   # an activation |x| above it has a square beyond float32's range: XᵀX is inf
+
+
+def _per_layer(a, trailing: int) -> np.ndarray:
+  a = np.asarray(a, np.float64)
+  return a.reshape((-1,) + a.shape[a.ndim - trailing:])
+
+
+def all_zero(diag_or_abs, trailing: int = 1) -> np.ndarray:
+  """Per layer: the activations were all zero, or no row was seen (a zero Hessian diagonal / absmax / mean |x|)."""
+  return np.all(_per_layer(diag_or_abs, trailing) == 0, axis=-1)
+
+
+def overflowing(stat, trailing: int) -> np.ndarray:
+  """Per layer: a statistic is inf, or an activation magnitude statistic is beyond `OVERFLOW`."""
+  a = np.abs(_per_layer(stat, trailing))
+  return np.any((~np.isfinite(a)) | (a > OVERFLOW), axis=tuple(range(1, a.ndim)))
+
+
+def constant(hessian_diag, abs_mean, rtol: float = 1e-3) -> np.ndarray:
+  """Per layer: every input channel's |x| is constant over the calibration rows (E[x²] == (E|x|)², Jensen's
+  equality), e.g. one repeated token or a constant batch: XᵀX has rank 1, so output errors are measured along one
+  direction only and any search "fixes" them by moving error elsewhere."""
+  ex2 = _per_layer(hessian_diag, 1) / 2.0                    # `hessian` is 2 XᵀX / T
+  m2 = _per_layer(abs_mean, 1) ** 2
+  return np.all(ex2 <= (1.0 + rtol) * m2, axis=-1)
+
+
+def layer_names(t: Target, idx) -> str:
+  """`t.where` with the stack indices of the flat layer numbers `idx` ("params[...][1], params[...][2]")."""
+  lay = t.layout
+  if not lay.b_shape:
+    return t.where
+  return ", ".join(t.where + "".join(f"[{i}]" for i in np.unravel_index(j, lay.b_shape)) for j in idx)
+
+
+def degenerate(group: list[Target], flags: dict[str, np.ndarray], op: str, strict: bool, *,
+               instead: tuple[str, str] = ("quantizes round-to-nearest", "quantized round-to-nearest")) -> np.ndarray:
+  """The (L,) mask of degenerate layers of a group of weights sharing one input, from {reason: (L,) mask}. Warns
+  (`DegenerateStatisticsWarning`, naming the weights, layers and why) that those layers are quantized without the
+  statistics (round-to-nearest; `instead`: what the algorithm does then, as
+  (present tense, past participle)), or raises ValueError under `strict`."""
+  mask = np.zeros(n_problems(group[0]), bool)
+  for why, m in flags.items():
+    m = np.asarray(m, bool)
+    if not m.any():
+      continue
+    mask |= m
+    names = "; ".join(layer_names(t, np.flatnonzero(m)) for t in group)
+    if strict:
+      raise ValueError(f"{names}: {op} cannot use this calibration: {why}; expected a calibration from varied, "
+                       f"finite real activations (strict=True; strict=False {instead[0]} instead)")
+    warnings.warn(f"{names}: {op} cannot use this calibration: {why}; {instead[1]} instead",
+                  DegenerateStatisticsWarning, stacklevel=4)   # the algorithm's caller
+  return mask
+
+
+def check_strict(strict, op: str) -> bool:
+  return as_bool(strict, f"{op}: strict")
+
+
+def rtn_kn(t: Target, spec: QuantSpec) -> QArray:
+  """Round-to-nearest of `t` as (L, K, N) along -2 (`spec` already `kn_spec`'d): what a degenerate layer gets."""
+  return quantize_jit(t.kn(), spec, None)
+
+
+def where_layers(mask: np.ndarray, fallback: QArray, q: QArray) -> QArray:
+  """`q` (L, ...) with the layers in `mask` taken from `fallback` (same structure)."""
+  m = jnp.asarray(mask)
+  return jax.tree.map(lambda f, a: jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), f, a), fallback, q)

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms import common
 from lowbit_jax.algorithms.common import Target
-from lowbit_jax.algorithms.gptq_core import check_inputs, damp_levels, gptq_solve
+from lowbit_jax.algorithms.gptq_core import check_inputs, check_options, damp_levels, gptq_solve
+from lowbit_jax.checks import as_bool, check_finite_outputs
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.spec import QuantSpec, int_spec
 
@@ -52,13 +53,19 @@ def _solve_stack(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: boo
   return lax.map(lambda wh: solve(wh[0], wh[1], fracs), (W, H))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Options:
   act_order: bool
   static_groups: bool
   blocksize: int
   percdamp: float
   max_damp_tries: int
+  strict: bool
+
+  def __post_init__(self):
+    check_options(act_order=self.act_order, static_groups=self.static_groups, blocksize=self.blocksize,
+                  percdamp=self.percdamp, max_damp_tries=self.max_damp_tries, op="gptq")
+    common.check_strict(self.strict, "gptq")
 
 
 def _check(t: Target, spec: QuantSpec, o: _Options) -> None:
@@ -66,23 +73,34 @@ def _check(t: Target, spec: QuantSpec, o: _Options) -> None:
   if not t.has_stats:
     return
   lay = t.layout
-  common.check_stat(t, "Hessian", t.wc.stats.xtx, lay.b_shape + (lay.k, lay.k), "Stat.HESSIAN", "gptq")
+  common.check_stat(t, "Hessian", t.wc.stats.xtx, lay.b_shape + (lay.k, lay.k), "Stat.HESSIAN", "gptq",
+                    inf_ok=True)
   check_inputs((lay.k, lay.n), (lay.k, lay.k), common.kn_spec(spec), act_order=o.act_order,
-               static_groups=o.static_groups, blocksize=o.blocksize, percdamp=o.percdamp,
-               max_damp_tries=o.max_damp_tries, where=f"{t.where}: ")
+               static_groups=o.static_groups, where=f"{t.where}: ")
 
 
 def _quantize(t: Target, hessian, spec: QuantSpec, o: _Options):
   """One weight: every (K, N) problem of its layout solved in one `lax.map`; warns / raises naming the layers
-  that needed more dampening / that no dampening fixed."""
+  that needed more dampening / that no dampening fixed. Layers whose Hessian is all zero (no signal: GPTQ would
+  zero every weight) or inf (overflowing activations) are round-to-nearest instead, with a warning (`strict`:
+  an error)."""
   lay = t.layout
+  kspec = common.kn_spec(spec)
   fracs = damp_levels(o.percdamp, o.max_damp_tries)
   H = jnp.reshape(jnp.asarray(hessian, jnp.float32), (-1, lay.k, lay.k))
-  q, _, tries, ok = _solve_stack(t.kn(), H, jnp.asarray(fracs, jnp.float32), spec=common.kn_spec(spec),
+  diag = np.diagonal(np.asarray(H), axis1=-2, axis2=-1)
+  bad = common.degenerate([t], {"its activations are all zero (an all-zero Hessian)": common.all_zero(diag),
+                                "its activations overflow float32 (an inf Hessian)": common.overflowing(H, 2)},
+                          "gptq", o.strict)
+  if bad.all():
+    return common.unflatten_q(common.rtn_kn(t, kspec), t)
+  H = jnp.where(jnp.asarray(bad)[:, None, None], jnp.eye(lay.k, dtype=jnp.float32), H)
+  q, _, tries, ok = _solve_stack(t.kn(), H, jnp.asarray(fracs, jnp.float32), spec=kspec,
                                  blocksize=o.blocksize, act_order=o.act_order, static_groups=o.static_groups)
+  if bad.any():
+    q = common.where_layers(bad, common.rtn_kn(t, kspec), q)
   tries, ok = np.asarray(tries), np.asarray(ok)
-  label = lambda idx: ", ".join(t.where + "".join(f"[{i}]" for i in np.unravel_index(j, lay.b_shape))
-                                for j in idx) if lay.b_shape else t.where
+  label = lambda idx: common.layer_names(t, idx)
   if not ok.all():
     raise ValueError(f"{label(np.flatnonzero(~ok))}: Hessian is not positive definite even with "
                      f"percdamp={fracs[-1]:g}; expected a Hessian from real activations (check the calibration "
@@ -95,8 +113,8 @@ def _quantize(t: Target, hessian, spec: QuantSpec, o: _Options):
 
 
 def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where = None,
-         act_order: bool = False, static_groups: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-         max_damp_tries: int = 5, true_sequential: bool = False):
+         act_order: bool = True, static_groups: bool = True, blocksize: int = 128, percdamp: float = 0.01,
+         max_damp_tries: int = 5, true_sequential: bool = False, strict: bool = False):
   """Quantize the calibrated weights of `params` with GPTQ; returns a new tree with QArray leaves.
 
   Args:
@@ -105,22 +123,28 @@ def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: s
     spec: an integer QuantSpec (`lowbit_jax.int_spec(bits, group_size=..., symmetric=..., scale_dtype=...)`);
       its axis is ignored: each weight is quantized along the contraction block the trace recorded.
     where: which calibrated weights to quantize (default: all of them).
-    act_order, static_groups, blocksize, percdamp: as in the reference implementation (see `gptq_core`).
+    act_order, static_groups, blocksize, percdamp: as in the reference implementation (see `gptq_core`), except
+      that act-order is on by default, with static groups (so grouped weights stay contiguous QArray groups):
+      the reference recommends it for LLaMA models, and on SmolLM2-135M GPTQ without it is worse than RTN end to
+      end although its per-layer error is lower (experiments/results/gptq_order_smollm2.md). `gptq_core` keeps
+      the reference's defaults (both off).
     max_damp_tries: how many times dampening is multiplied by 10 for a layer whose Hessian is not positive
       definite (with a warning) before raising.
     true_sequential: re-capture statistics after each group of same-input weights (see the module docstring).
+    strict: raise instead of warning (`lowbit_jax.DegenerateStatisticsWarning`) and quantizing round-to-nearest
+      a weight (or layer of a stack) whose calibration is degenerate: all-zero activations (GPTQ would zero
+      every weight) or activations whose squares overflow float32.
 
   Raises:
     ValueError: naming the key path, for a non-integer spec, a calibration from another model, missing or NaN
       statistics, NaN weights, unsupported bits/group combinations or a Hessian no dampening makes positive
-      definite (naming the layers).
+      definite (naming the layers); a `percdamp` outside (0, 1] before anything runs; a result with NaN/inf.
   """
   common.check_calibration(calib, "gptq")
   common.check_spec(spec, "gptq", integer=True)
   opts = _Options(act_order=act_order, static_groups=static_groups, blocksize=blocksize, percdamp=percdamp,
-                  max_damp_tries=max_damp_tries)
-  if not isinstance(true_sequential, bool):
-    raise ValueError(f"gptq: true_sequential must be a bool, got {true_sequential!r}")
+                  max_damp_tries=max_damp_tries, strict=strict)
+  as_bool(true_sequential, "gptq: true_sequential")
   targets = common.calibrated_leaves(params, calib, where, "gptq")
   for t in targets:
     _check(t, spec, opts)
@@ -136,8 +160,10 @@ def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: s
     for t in group:
       hessian = stats[t.path].hessian
       if stats is not calib:
-        common.check_stat(t, "Hessian", hessian, tuple(np.shape(t.wc.hessian)), "Stat.HESSIAN", "gptq")
+        common.check_stat(t, "Hessian", hessian, tuple(np.shape(t.wc.hessian)), "Stat.HESSIAN", "gptq",
+                          inf_ok=True)
       done[t.path] = _quantize(t, hessian, spec, opts)
       bar.update()
   bar.close()
+  check_finite_outputs(((sel.path_repr(p), q) for p, q in done.items()), "gptq")
   return common.replace_leaves(params, done)

@@ -17,6 +17,9 @@ Pre-trained Transformers", ICLR 2023 (Algorithm 1). Reference implementation: IS
     `static_groups`, once up front on the original weights (which is what makes act-order + groups storable);
   * per-channel (no groups): parameters found once on the original weights.
 
+The Hessian preprocessing (dead inputs, dampening, the Cholesky factor of the inverse, padding, the lazy block
+update) lives in `hessian.py`, shared with SparseGPT (`sparsegpt_core.py`); `damp_levels` is re-exported here.
+
 The quantization grid is the spec's (`lowbit_jax.formats.integer`): `SymGrid.FULL` is the reference's symmetric
 grid (2*absmax / (2**bits - 1), zero 2**(b-1)); the default SIGNED_MAX, RESTRICTED, float offsets and the
 `ClipSearch` of the reference's `mse=True` are found by the same `compute_params` RTN uses, at group starts only
@@ -40,7 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax import formats
+from lowbit_jax.checks import as_bool, as_float, as_int
 from lowbit_jax.formats import integer
+from lowbit_jax.algorithms.hessian import damp_levels, damped_inverse, kill_dead, lazy_update, pad_sweep
 from lowbit_jax.qarray import QArray, check_quantizable, from_codes, quantize
 from lowbit_jax.spec import Format, QuantSpec
 
@@ -107,42 +112,13 @@ def _gptq_loop(Wt, Hinv, perm, S0, Z0, *, spec: QuantSpec, blocksize: int, dynam
     body = functools.partial(column, i1=i1, W_outer=W)
     _, codes, err1, S, Z, cur_s, cur_z, loss, _ = lax.fori_loop(
         0, blocksize, body, (W1, codes, err1, S, Z, cur_s, cur_z, loss, Hinv1))
-    rows = lax.dynamic_slice(Hinv, (i1, 0), (blocksize, kr))             # (B, Kr), zero left of the block
-    later = (jnp.arange(kr) >= i1 + blocksize)[None, :]
-    W = W - jnp.where(later, err1 @ rows, 0.0)
+    W = lazy_update(W, err1, Hinv, i1, blocksize)
     return W, codes, S, Z, cur_s, cur_z, loss
 
   codes = jnp.zeros((n, kr), jnp.uint8)
   init = (Wt, codes, S0, Z0, S0[0], Z0[0] if asym else None, jnp.float32(0))
   _, codes, S, Z, _, _, loss = lax.fori_loop(0, kr // blocksize, block, init)
   return codes, S, Z, loss
-
-
-def _upper_cholesky_of_inverse(H):
-  L = jnp.linalg.cholesky(H)
-  Hi = jax.scipy.linalg.cho_solve((L, True), jnp.eye(H.shape[0], dtype=H.dtype))
-  return jnp.linalg.cholesky(Hi).T
-
-
-def _damped_inverse(H, fracs):
-  """Hinv of H + frac * mean(diag(H)) * I for the first frac of `fracs` (percdamp, x10, x100, ...) that makes it
-  positive definite, as a `lax.while_loop` (one trace, vmappable: each layer stops at its own level). Returns
-  Hinv, the number of extra dampings used and whether any level worked."""
-  k = H.shape[0]
-  mean_diag = jnp.mean(jnp.diag(H))
-  eye = jnp.eye(k, dtype=jnp.float32)
-
-  def cond(c):
-    i, _, ok = c
-    return (~ok) & (i < fracs.shape[0])
-
-  def body(c):
-    i, _, _ = c
-    Hinv = _upper_cholesky_of_inverse(H + (fracs[i] * mean_diag) * eye)
-    return i + 1, Hinv, jnp.all(jnp.isfinite(Hinv))
-
-  i, Hinv, ok = lax.while_loop(cond, body, (jnp.int32(0), jnp.zeros((k, k), jnp.float32), jnp.bool_(False)))
-  return Hinv, i - 1, ok
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups"))
@@ -155,20 +131,17 @@ def gptq_solve(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool,
   k, n = W.shape
   g = spec.group_size
   Wt = W.astype(jnp.float32).T                                      # (N, K): rows = outputs
-  dead = jnp.diag(H) == 0
-  H = H + jnp.diag(dead.astype(jnp.float32))
-  Wt = jnp.where(dead[None, :], 0.0, Wt)
+  Wt, H = kill_dead(Wt, H)
   rtn = quantize(Wt.T, spec)                                       # static / per-channel parameters
   k_pad = rtn.k_pad
   S0 = rtn.scale.astype(jnp.float32)                               # (G, N) or (1, N)
   Z0 = rtn.zero if rtn.zero is None or not spec.float_offset else rtn.zero.astype(jnp.float32)
   perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(k)
   Wt, H = Wt[:, perm], H[perm][:, perm]
-  Hinv, tries, ok = _damped_inverse(H, fracs)
+  Hinv, tries, ok = damped_inverse(H, fracs)
 
   kr = -(-k_pad // math.lcm(blocksize, g or 1)) * math.lcm(blocksize, g or 1)
-  Wt = jnp.pad(Wt, ((0, 0), (0, kr - k)))                           # padding = dead columns, no coupling
-  Hinv = jnp.pad(Hinv, ((0, kr - k), (0, kr - k))) + jnp.diag((jnp.arange(kr) >= k).astype(jnp.float32))
+  Wt, Hinv = pad_sweep(Wt, Hinv, kr)                                # padding = dead columns, no coupling
   perm_full = jnp.concatenate([perm, jnp.arange(k, kr)])
   dynamic = bool(g) and not static_groups
   codes, S, Z, loss = _gptq_loop(Wt, Hinv, perm_full, S0, Z0, spec=spec,
@@ -181,18 +154,22 @@ def gptq_solve(W, H, fracs, *, spec: QuantSpec, blocksize: int, act_order: bool,
   return q, loss, tries, ok
 
 
-def damp_levels(percdamp: float, max_damp_tries: int) -> list[float]:
-  """percdamp, then x10 per retry: the max_damp_tries + 1 dampings `gptq_solve` tries (pass them as float32)."""
-  fracs, f = [], float(percdamp)
-  for _ in range(max_damp_tries + 1):
-    fracs.append(f)
-    f *= 10
-  return fracs
+def check_options(*, act_order, static_groups, blocksize, percdamp, max_damp_tries, op: str) -> None:
+  """The options' types and ranges, before anything runs; ValueError naming the option (prefixed by `op`).
+  `percdamp` is the fraction of mean(diag(H)) added to H's diagonal: (0, 1] (0.01 in the paper); 0 would leave
+  a singular H singular at every retry, and more than the mean diagonal drowns the statistics."""
+  as_bool(act_order, f"{op}: act_order")
+  as_bool(static_groups, f"{op}: static_groups")
+  as_int(blocksize, f"{op}: blocksize", low=1)
+  as_float(percdamp, f"{op}: percdamp", low=0.0, high=1.0, low_open=True,
+           note=" (the fraction of mean(diag(H)) added to the Hessian's diagonal; 0.01 in the paper)")
+  as_int(max_damp_tries, f"{op}: max_damp_tries", low=0)
 
 
-def check_inputs(w_shape, h_shape, spec: QuantSpec, *, act_order: bool, static_groups: bool, blocksize: int,
-                 percdamp: float, max_damp_tries: int, where: str = "") -> None:
-  """Everything `gptq_solve` needs that shapes and options alone decide; ValueError prefixed by `where`."""
+def check_inputs(w_shape, h_shape, spec: QuantSpec, *, act_order: bool, static_groups: bool,
+                 where: str = "") -> None:
+  """Everything `gptq_solve` needs that shapes and (validated, `check_options`) options decide; ValueError
+  prefixed by `where`."""
   if spec.format is not Format.INT or spec.double_quant:
     raise ValueError(f"{where}GPTQ needs an integer QuantSpec without double quantization, got {spec}")
   if len(w_shape) != 2 or spec.axis not in (-2, 0):
@@ -206,12 +183,6 @@ def check_inputs(w_shape, h_shape, spec: QuantSpec, *, act_order: bool, static_g
   if act_order and g and not static_groups:
     raise ValueError(f"{where}act_order with group_size={g} needs static_groups=True: QArray groups are contiguous "
                      f"in the original column order (no per-column group index)")
-  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-    raise ValueError(f"{where}blocksize must be an int >= 1, got {blocksize!r}")
-  if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
-    raise ValueError(f"{where}percdamp must be a finite float >= 0, got {percdamp!r}")
-  if isinstance(max_damp_tries, bool) or not isinstance(max_damp_tries, int) or max_damp_tries < 0:
-    raise ValueError(f"{where}max_damp_tries must be an int >= 0, got {max_damp_tries!r}")
 
 
 def gptq_core(W, H, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
@@ -233,8 +204,9 @@ def gptq_core(W, H, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 
   where = f"{path}: " if path else ""
   W = jnp.asarray(W)
   H = jnp.asarray(H, jnp.float32)
-  check_inputs(W.shape, H.shape, spec, act_order=act_order, static_groups=static_groups, blocksize=blocksize,
-               percdamp=percdamp, max_damp_tries=max_damp_tries, where=where)
+  check_options(act_order=act_order, static_groups=static_groups, blocksize=blocksize, percdamp=percdamp,
+                max_damp_tries=max_damp_tries, op="gptq_core")
+  check_inputs(W.shape, H.shape, spec, act_order=act_order, static_groups=static_groups, where=where)
   if not bool(jnp.all(jnp.isfinite(H))):
     raise ValueError(f"{where}expected a finite Hessian, found NaN/inf")
   check_quantizable(W, spec, path)

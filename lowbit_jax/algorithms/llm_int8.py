@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms import common
+from lowbit_jax.checks import check_finite_outputs
 from lowbit_jax.kernels.w8a8.llm_int8 import DEFAULT_THRESHOLD
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.qarray import QArray, check_quantizable, quantize
@@ -87,7 +88,7 @@ def llm_int8(params, calib: Calibration | None = None, spec: QuantSpec = LLM_INT
 
   Raises:
     ValueError: naming the key path, for a spec without an outlier threshold, a calibration from another model,
-      or NaN/inf/non-float weights.
+      NaN/inf/non-float weights, or a result with NaN/inf.
   """
   _check_spec(spec)
   if calib is None:
@@ -96,12 +97,14 @@ def llm_int8(params, calib: Calibration | None = None, spec: QuantSpec = LLM_INT
       check_quantizable(leaf, spec, sel.path_repr(p))
     done = {p: _quantize_jit(jnp.asarray(leaf), spec)
             for p, leaf in tqdm(chosen.items(), desc="llm_int8", leave=False, disable=len(chosen) < 16)}
-    return common.replace_leaves(params, done)
-  targets = common.calibrated_leaves(params, calib, where, "llm_int8")
-  for t in targets:
-    common.check_weight(t, spec, "llm_int8")
-  # no statistics needed: every weight (convolutions included) is round-to-nearest along its contraction block
-  return common.replace_leaves(params, common.rtn_fallback(targets, spec, "llm_int8", warn=False))
+  else:
+    targets = common.calibrated_leaves(params, calib, where, "llm_int8")
+    for t in targets:
+      common.check_weight(t, spec, "llm_int8")
+    # no statistics needed: every weight (convolutions included) is round-to-nearest along its contraction block
+    done = common.rtn_fallback(targets, spec, "llm_int8", warn=False)
+  check_finite_outputs(((sel.path_repr(p), q) for p, q in done.items()), "llm_int8")
+  return common.replace_leaves(params, done)
 
 
 @dataclasses.dataclass(frozen=True)

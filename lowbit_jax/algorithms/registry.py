@@ -21,6 +21,8 @@ from lowbit_jax import select as sel
 from lowbit_jax.algorithms.awq import awq
 from lowbit_jax.algorithms.gptq import DEFAULT_SPEC, gptq
 from lowbit_jax.algorithms.llm_int8 import llm_int8
+from lowbit_jax.algorithms.magnitude import magnitude_prune
+from lowbit_jax.algorithms.sparsegpt import sparsegpt
 from lowbit_jax.algorithms.smoothquant import smoothquant
 from lowbit_jax.spec import QuantSpec
 
@@ -40,4 +42,12 @@ ALGORITHMS: dict[str, Callable] = {
     "llm_int8": llm_int8,
 }
 
-__all__ = ["ALGORITHMS"]
+# Pruning transforms: `transform(params, calib, options=Sparsity(), *, where=None, ..., strict=False)`; the selected
+# weights stay float arrays (exact zeros) unless a quantization `spec` is given. They return floats, not QArrays,
+# so they keep their own contract (tests/test_sparsity.py: signature, shapes/dtypes, input untouched, sparsity).
+PRUNERS: dict[str, Callable] = {
+    "magnitude": magnitude_prune,
+    "sparsegpt": sparsegpt,
+}
+
+__all__ = ["ALGORITHMS", "PRUNERS"]

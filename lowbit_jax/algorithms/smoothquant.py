@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from lowbit_jax import select as sel
 from lowbit_jax.algorithms import common
 from lowbit_jax.algorithms.common import Target, replace_leaves
+from lowbit_jax.checks import as_bool, as_float, check_finite_outputs
 from lowbit_jax.passes.calibration import Calibration
 from lowbit_jax.passes.fold import fold_scales, group_target
 from lowbit_jax.qarray import QArray, with_in_scale
@@ -65,9 +66,9 @@ def _with_in_scale_jit(w, s, spec: QuantSpec) -> QArray:
 
 
 def checked_absmax(t: Target, op: str) -> np.ndarray:
-  """The (*B, K) activation absmax of a target, validated: collected, from this model, finite, >= 0."""
+  """The (*B, K) activation absmax of a target, validated: collected, from this model, not NaN, >= 0."""
   lay = t.layout
-  common.check_stat(t, "absmax", t.wc.stats.absmax, lay.b_shape + (lay.k,), "Stat.ABSMAX", op)
+  common.check_stat(t, "absmax", t.wc.stats.absmax, lay.b_shape + (lay.k,), "Stat.ABSMAX", op, inf_ok=True)
   a = np.asarray(t.wc.stats.absmax, np.float32)
   if np.any(a < 0):
     raise ValueError(f"{t.where}: the calibration's absmax contains negative values; expected finite statistics")
@@ -85,8 +86,25 @@ def smoothing_scales(act_absmax, weight_absmax, alpha: float) -> np.ndarray:
   """smooth.py's s = clamp(act^α / clamp(w, 1e-5)^(1-α), 1e-5), float32, elementwise."""
   act = np.asarray(act_absmax, np.float32)
   w = np.maximum(np.asarray(weight_absmax, np.float32), np.float32(CLAMP))
-  s = np.power(act, np.float32(alpha)) / np.power(w, np.float32(1.0 - alpha))
+  with np.errstate(over="ignore"):   # overflowing activations: detected by the caller (`_unless_degenerate`)
+    s = np.power(act, np.float32(alpha)) / np.power(w, np.float32(1.0 - alpha))
   return np.maximum(s, np.float32(CLAMP)).astype(np.float32)
+
+
+def _unless_degenerate(g: list[Target], act: np.ndarray, w_max: np.ndarray, s: np.ndarray, strict: bool):
+  """`s` (*B, K) with 1 at the layers whose activations are all zero or overflow, or whose s (or s ⊙ W) is not a
+  finite float32 (warned, or raised under `strict`): those are quantized unsmoothed."""
+  k = np.shape(s)[-1]
+  with np.errstate(over="ignore", invalid="ignore"):
+    scaled = np.asarray(s, np.float32) * np.asarray(w_max, np.float32)
+  bad = common.degenerate(g, {
+      "its activations are all zero (or no row was seen)": common.all_zero(act),
+      "its activations overflow float32 (|x| beyond 2**64)": common.overflowing(act, 1),
+      "its smoothing scale overflows float32": common.overflowing(s, 1) | common.overflowing(scaled, 1)},
+      "smoothquant", strict)
+  out = np.array(s, np.float32).reshape(-1, k)
+  out[bad] = 1.0
+  return out.reshape(np.shape(s))
 
 
 def _targets(params, calib: Calibration, spec: QuantSpec, where: sel.Where) -> tuple[list, list, dict]:
@@ -100,7 +118,7 @@ def _targets(params, calib: Calibration, spec: QuantSpec, where: sel.Where) -> t
 
 
 def smoothquant(params, calib: Calibration, spec: QuantSpec = W8A8_SPEC, *, where: sel.Where = None,
-                alpha: float = 0.5, fold: bool = True):
+                alpha: float = 0.5, fold: bool = True, strict: bool = False):
   """W8A8 SmoothQuant of the calibrated weights of `params`; returns a new tree with QArray leaves.
 
   Args:
@@ -113,20 +131,22 @@ def smoothquant(params, calib: Calibration, spec: QuantSpec = W8A8_SPEC, *, wher
       weights, α = 0 gives s = 1 / max|W_j|).
     fold: fold 1/s into the preceding norm's scale where the graph allows (traced once from `calib.apply_fn` on
       the first calibration batch); those weights then carry no in_scale.
+    strict: raise instead of warning (`lowbit_jax.DegenerateStatisticsWarning`) and quantizing without
+      smoothing (s = 1) the weights of a group (or layer of a stack) whose activations are all zero or overflow
+      (|x| beyond 2**64, or a smoothing scale that is not a finite float32).
 
   Returns:
     The tree with each selected weight as a QArray of `spec` with `in_scale` s (none where s was folded).
 
   Raises:
     ValueError: naming the key path, for a calibration from another model, missing or NaN statistics, NaN/inf
-      weights, or an alpha outside [0, 1].
+      weights, an alpha outside [0, 1], or a result with NaN/inf.
   """
   common.check_calibration(calib, "smoothquant")
   common.check_spec(spec, "smoothquant")
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"smoothquant: alpha must be a float in [0, 1] (0.5 in the paper), got {alpha!r}")
-  if not isinstance(fold, bool):
-    raise ValueError(f"smoothquant: fold must be a bool, got {fold!r}")
+  alpha = as_float(alpha, "smoothquant: alpha", low=0.0, high=1.0, note=" (0.5 in the paper)")
+  as_bool(fold, "smoothquant: fold")
+  common.check_strict(strict, "smoothquant")
   targets, no_stats, absmax = _targets(params, calib, spec, where)
   done = common.rtn_fallback(no_stats, spec, "smoothquant")
   fold_to = common.foldable(params, calib) if fold else {}
@@ -135,7 +155,7 @@ def smoothquant(params, calib: Calibration, spec: QuantSpec = W8A8_SPEC, *, wher
   bar = tqdm(total=len(targets), desc="smoothquant", leave=False, disable=len(targets) < 16)
   for g in common.input_groups(targets):
     w_max = np.max(np.stack([_weight_absmax(t) for t in g]), axis=0)           # (*B, K)
-    s = smoothing_scales(absmax[g[0].path], w_max, float(alpha))
+    s = _unless_degenerate(g, absmax[g[0].path], w_max, smoothing_scales(absmax[g[0].path], w_max, alpha), strict)
     ft = group_target(fold_to, [t.where for t in g])
     lead = all(t.layout.map_axes == tuple(range(len(t.layout.b_shape))) for t in g)
     if ft is not None and lead and tuple(np.shape(s)) == tuple(ft.leaf_shape):
@@ -147,6 +167,7 @@ def smoothquant(params, calib: Calibration, spec: QuantSpec = W8A8_SPEC, *, wher
       done[t.path] = q if ft is None else q.without_in_scale()
       bar.update()
   bar.close()
+  check_finite_outputs(((sel.path_repr(p), q) for p, q in done.items()), "smoothquant")
   out = replace_leaves(params, done)
   return fold_scales(out, folded) if folded else out
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import regex
 
+from lowbit_jax.checks import as_bool, check_text, token_ids
 from lowbit_jax.io.loaded import CheckpointError
 from lowbit_jax.io.pair_merge import merge_pairs
 from lowbit_jax.io.tokenizer import padding_id
@@ -188,7 +189,9 @@ class BPETokenizer:
 
   def encode(self, text: str, *, bos: bool | None = None, eos: bool = False) -> list[int]:
     """Token ids of `text` (see the module docstring); BOS first if `bos` (None: `add_bos`), EOS last if `eos`."""
-    bos = self.add_bos if bos is None else bos
+    check_text(text, "encode: text")
+    bos = self.add_bos if bos is None else as_bool(bos, "encode: bos")
+    eos = as_bool(eos, "encode: eos")
     ids = [self.bos_id] if bos else []
     start = 0
     for match in (self._special.finditer(text) if self._special is not None else ()):
@@ -219,13 +222,11 @@ class BPETokenizer:
     """The text of `ids` (see the module docstring).
 
     Raises:
-      ValueError: when an id is outside the vocabulary.
+      ValueError: when `ids` is not a sequence of ints (a float id is never rounded) or an id is outside the
+        vocabulary.
     """
     out = bytearray()
-    for token in ids:
-      token = int(token)
-      if not 0 <= token < len(self.tokens):
-        raise ValueError(f"token id {token} is outside the {len(self.tokens)}-token vocabulary")
+    for token in token_ids(ids, len(self.tokens), "decode: ids").tolist():
       out += self._token_bytes[token]
     return out.decode("utf-8", errors="replace")
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit_jax.checks import as_bool, check_text, token_ids
 from lowbit_jax.io.loaded import CheckpointError
 from lowbit_jax.io.pair_merge import merge_pairs
 
@@ -230,7 +231,9 @@ class Tokenizer:
   def encode(self, text: str, *, bos: bool | None = None, eos: bool = False) -> list[int]:
     """Token ids of `text`, exactly as llama2.c's `encode` (see the module docstring); BOS first unless
     `bos=False` (None: `add_bos`, i.e. True)."""
-    bos = self.add_bos if bos is None else bos
+    check_text(text, "encode: text")
+    bos = self.add_bos if bos is None else as_bool(bos, "encode: bos")
+    eos = as_bool(eos, "encode: eos")
     ids: list[int] = []
     if text:
       lookup, offset = self._ids, self.byte_offset
@@ -248,15 +251,13 @@ class Tokenizer:
     """The text of `ids`, exactly as llama2.c's `decode` prints it (see the module docstring).
 
     Raises:
-      ValueError: when an id is outside the vocabulary.
+      ValueError: when `ids` is not a sequence of ints (a float id is never rounded) or an id is outside the
+        vocabulary.
     """
     out = bytearray()
     silent = {self.bos_id, self.eos_id, self.unk_id}
     prev = None
-    for token in ids:
-      token = int(token)
-      if not 0 <= token < len(self.pieces):
-        raise ValueError(f"token id {token} is outside the {len(self.pieces)}-piece vocabulary")
+    for token in token_ids(ids, len(self.pieces), "decode: ids").tolist():
       if token in silent:
         pass
       elif 0 <= token - self.byte_offset < 256:

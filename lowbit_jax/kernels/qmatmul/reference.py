@@ -128,9 +128,8 @@ def for_each_tile(w: QArray, xp, step, acc):
     return step(acc, xt, codes, rows_scale, rows_zero)
 
   trips = p.chunks * p.steps
-  if trips == 1:
-    return body(jnp.int32(0), acc)
-  return lax.fori_loop(0, trips, body, acc)
+  acc = body(jnp.int32(0), acc)   # the first trip peeled: the carry then has x's type (varying under shard_map)
+  return acc if trips == 1 else lax.fori_loop(1, trips, body, acc)
 
 
 def qmatmul(x, w: QArray):

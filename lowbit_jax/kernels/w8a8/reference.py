@@ -33,7 +33,12 @@ _FP8 = (Format.FP8_E4M3, Format.FP8_E5M2)
 
 def act_format(w: QArray) -> Format:
   """The activation format paired with w: E4M3 for FP8 weights, INT (8-bit) otherwise."""
-  return Format.FP8_E4M3 if w.spec.format in _FP8 else Format.INT
+  return act_format_for(w.spec.format)
+
+
+def act_format_for(weight_format: Format) -> Format:
+  """The activation format paired with weights of `weight_format` (`act_format` of a QArray; QAT's fake quant)."""
+  return Format.FP8_E4M3 if weight_format in _FP8 else Format.INT
 
 
 def quantize_activations(x, fmt: Format, *, per_token: bool = True):

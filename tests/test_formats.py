@@ -67,6 +67,32 @@ def test_error_within_documented_bound_and_bytes_match_formula(name, x):
   _check_bound(x, REGISTRY[name])
 
 
+LARGEST = float(np.float32(1e37))   # the documented limit: |x| up to float32's max / 34 (the range max - min, the
+#                                    NF4 / ternary normalisations and float offsets stay finite in float32)
+EXTREME_SCALES = (1e-42, 1e-38, 1e-30, 1e30, 1e36, 1e37)   # subnormal, smallest normal, ..., the limit
+
+
+@st.composite
+def extreme_weights(draw):
+  """Arrays at magnitudes near float32's limits: element by element over [-LARGEST, LARGEST] (subnormals
+  included), or a drawn-seed normal array times a scale of `EXTREME_SCALES` (clipped to +-LARGEST)."""
+  shape = draw(st.sampled_from(SHAPES))
+  if int(np.prod(shape)) <= 32 and draw(st.booleans()):
+    elements = st.floats(-LARGEST, LARGEST, width=32, allow_subnormal=True)
+    return draw(hnp.arrays(np.float32, shape, elements=elements))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  x = rng.standard_normal(shape) * draw(st.sampled_from(EXTREME_SCALES))
+  return np.clip(x, -LARGEST, LARGEST).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@given(x=extreme_weights())
+def test_extreme_magnitudes_and_subnormals_stay_finite_within_the_bound(name, x):
+  """No format overflows to inf/NaN or loses its error bound at the edges of float32 (scales and offsets are
+  computed in float32 and clamped to their dtype, formats/integer.py)."""
+  _check_bound(x, REGISTRY[name])
+
+
 def _partial_granule(spec) -> tuple[int, int, int]:
   """(K, t, reps): K rows whose quantization pads its last granule, which holds the last t real rows; `reps` copies
   of those t rows fill a granule that needs no padding. Grouped: K = 2g + g/4 (a quarter group at the end).

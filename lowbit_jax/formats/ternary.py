@@ -15,11 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 def compute_params(xg, valid, red_axes, spec):
+  """gamma = mean(|x|) over each granule's valid entries, summed as mean(|x| / m) * m with m the granule's absmax,
+  so the sum stays finite for weights up to float32's max (a plain sum of 64 values of 1e37 overflows)."""
   del spec
   mask = jnp.broadcast_to(valid, xg.shape)
-  total = jnp.sum(jnp.where(mask, jnp.abs(xg), np.float32(0.0)), axis=red_axes, keepdims=True)
+  ax = jnp.where(mask, jnp.abs(xg), np.float32(0.0))
+  m = jnp.max(ax, axis=red_axes, keepdims=True)
+  m = jnp.where(m > 0, m, np.float32(1.0))
+  total = jnp.sum(ax / m, axis=red_axes, keepdims=True)
   count = jnp.sum(mask.astype(jnp.float32), axis=red_axes, keepdims=True)
-  gamma = total / jnp.maximum(count, np.float32(1.0))
+  gamma = total / jnp.maximum(count, np.float32(1.0)) * m
   return jnp.where(gamma > 0, gamma, np.float32(1.0)), None
 
 

@@ -137,7 +137,8 @@ def run(cfg: Config):
     for method in cfg.methods:
       transform = {Method.RTN: lb.rtn, Method.GPTQ: lb.gptq}[method]
       for name, a in choices.items():
-        tree = a.apply(transform, setup.params, calib)
+        tree = a.apply(transform, setup.params, calib,
+                       options=dict(act_order=False, static_groups=False) if method is Method.GPTQ else None)
         ppl, kl, top1 = ptq.evaluate(cfg.ptq, qapply, tree, data, refs, f"{method.value} {name}")
         rep = {l.path: l for l in lb.memory_report(tree).leaves}
         chosen = [rep[sel.path_str(p)] for p in a.specs]

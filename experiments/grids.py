@@ -138,7 +138,8 @@ def run(m: ModelRun):
   for s, v, meth in tqdm(jobs, desc=f"{m.name} grids"):
     spec = v.spec(s.bits, s.group_size)
     t0 = time.perf_counter()
-    q = lb.rtn(setup.params, calib, spec) if meth == "RTN" else lb.gptq(setup.params, calib, spec)
+    q = lb.rtn(setup.params, calib, spec) if meth == "RTN" else lb.gptq(setup.params, calib, spec,
+                                                                                  act_order=False, static_groups=False)
     q = jax.block_until_ready(q)
     secs = time.perf_counter() - t0
     ppl, kl = ((np.nan,) * len(cfg.eval_sets), np.nan) if not m.evaluate else \

@@ -28,7 +28,8 @@ Protocol:
   * Methods: `experiments/ptq_table.py`'s (RTN / GPTQ / AWQ symmetric on the default grid, SmoothQuant W8A8 alpha
     0.5, LLM.int8() threshold 6, NF4 with double quantization, FP8 E4M3 per tensor); mixed rows: `lb.allocate`
     (default sensitivity) over `MIX_CANDIDATES` at the stored bits/weight of uniform INT3 g128 and INT4 g128,
-    applied with GPTQ, beside uniform GPTQ at those formats in the same run.
+    applied with GPTQ act-order (static groups), the candidates scored by the output error of GPTQ act-order's
+    own result (`allocate(quantizer=...)`), beside uniform GPTQ act-order at those formats in the same run.
     The uniform rows run the layers scanned (one compiled layer); the mixed rows run them unrolled (a second
     calibration of the same windows, one window per batch), so every layer's weights are their own allocation
     units; the KL factors of the default sensitivity are measured on one calibration batch (`kl_batches=1`: 512
@@ -40,6 +41,7 @@ import argparse
 import dataclasses
 import datetime
 import enum
+import functools
 import resource
 import time
 import traceback
@@ -71,6 +73,8 @@ ROWS = tuple(pt.Row(m, b, g) for m in (M.RTN, M.GPTQ, M.AWQ) for b, g in SETTING
 QUICK = (pt.Row(M.RTN, 8, None), pt.Row(M.GPTQ, 3, 128))
 MIX_CANDIDATES = (lb.int_spec(2, group_size=64), lb.int_spec(3, group_size=128), lb.int_spec(4, group_size=128),
                   lb.int_spec(8))
+MIX_GPTQ = dict(act_order=True, static_groups=True)   # the mixed rows' GPTQ: without act-order, GPTQ is worse than
+#   RTN end to end on this model although its per-layer output error is 2-5x lower (see the README); with it, better
 MIX_AT = ((3, 128), (4, 128))  # mixed rows at the stored bits/weight of these uniform formats (not INT2 g64:
 #                                 no candidate is cheaper, so an allocation at its bytes is uniform INT2 g64)
 NEW_TOKENS = 32
@@ -154,11 +158,12 @@ def run(cfg, rows, mix_at, report=lambda results, info: None):
       budget, _ = pt.bits_per_weight(lb.rtn(setup.params, None, lb.int_spec(bits, group_size=group)),
                                      setup.linear_paths)
       t0 = time.perf_counter()
-      alloc = (lb.allocate(loaded.params, flat_calib, budget, MIX_CANDIDATES, kl_batches=1) if alloc is None
+      alloc = (lb.allocate(loaded.params, flat_calib, budget, MIX_CANDIDATES, kl_batches=1,
+                           quantizer=functools.partial(lb.gptq, **MIX_GPTQ)) if alloc is None
                else alloc.with_budget(budget))
-      tree = jax.block_until_ready(alloc.apply(lb.gptq, loaded.params, flat_calib))
+      tree = jax.block_until_ready(alloc.apply(lb.gptq, loaded.params, flat_calib, options=MIX_GPTQ))
       info.setdefault("allocations", []).append((budget, alloc.table()))
-      measure(f"GPTQ mixed @ {budget:.3f} b/w (INT{bits} g{group}'s bytes)", tree, time.perf_counter() - t0,
+      measure(f"GPTQ act-order mixed @ {budget:.3f} b/w (INT{bits} g{group}'s bytes)", tree, time.perf_counter() - t0,
               "mixed", flat_fns, flat_linear)
       del tree
     del flat_calib
@@ -241,7 +246,8 @@ def main(part: Part = Part.ALL) -> None:
     out.with_suffix(".md").write_text(markdown(cfg, results, info), encoding="utf-8")
     plot(cfg, results, out.with_suffix(".png"))
 
-  at_mix = tuple(pt.Row(M.GPTQ, b, g) for b, g in MIX_AT)   # the uniform rows the mixed ones are compared with
+  at_mix = tuple(pt.Row(M.GPTQ, b, g, act_order=True) for b, g in MIX_AT)   # the uniform rows the mixed ones are
+  #                                            compared with (GPTQ without act-order: experiments/gptq_order.py)
   rows = {Part.ALL: cfg.rows, Part.UNIFORM: cfg.rows, Part.MIXED: at_mix, Part.QUICK: QUICK}[part]
   mix_at = {Part.ALL: MIX_AT, Part.UNIFORM: (), Part.MIXED: MIX_AT, Part.QUICK: MIX_AT[:1]}[part]
   if part is Part.QUICK:

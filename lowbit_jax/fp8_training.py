@@ -27,6 +27,17 @@ state) and returns the state's cotangent as the new state. The cotangents of one
 maximum, not sum (flax's `fp32_max_grad` dtype), so a weight contracted at several sites, or at every layer of a
 `scan`, gets the amax over all of them: exactly "per tensor" for a leaf.
 
+Data parallelism (`shard_map` or `pmap` with the batch split over an axis): ``fp8_value_and_grad(loss_fn,
+axis_name="data")``, with `loss_fn` the same per-example mean as on one device, run on the local shard. Each device
+sees only its shard, so its new amaxes (slot 0 of the x and g histories) are local; the step takes their maximum
+over the axis (`lax.pmax`), divides the local loss by the axis size and sums loss and gradients over the axis
+(`lax.psum`). With equal shards every replica then holds the same state, and loss, gradients and state equal the
+one-device step on the whole batch: the forward scales come from the replicated previous histories, and the
+gradient amax is that of the global-mean loss's dL/dy (a per-shard mean differentiated alone would record an amax
+`n` times too large). The state (and params) are cast to varying over the axis before differentiation
+(`lax.pcast`), so that `shard_map` does not sum the state's cotangent as it sums a replicated input's; loss,
+gradients and state come back replicated (`out_specs=P()`).
+
 Deviations: one `Fp8Meta` per weight *leaf*: a scanned stack (layers, in, out) shares one x / W / gradient scale over
 its layers (flax under `nn.scan` keeps one per layer; Transformer Engine one per GEMM). FP8 values are simulated
 (quantize-dequantize around an f32 dot, flax's `Fp8DotGeneralOp`), not run on FP8 tensor cores. A state whose
@@ -45,7 +56,7 @@ from flax.linen import fp8_ops
 from jax import lax
 
 from lowbit_jax import select as sel
-from lowbit_jax.checks import as_int
+from lowbit_jax.checks import as_bool, as_int
 from lowbit_jax.passes import trace
 from lowbit_jax.passes.fakequant import SiteHandler
 from lowbit_jax.qat import QATFn
@@ -175,17 +186,52 @@ def fp8_training(apply_fn: Callable, options: Fp8Options = Fp8Options(), *, wher
   return Fp8Fn(apply_fn, options, where)
 
 
-def fp8_value_and_grad(loss_fn: Callable, *, has_aux: bool = False) -> Callable:
+def fp8_value_and_grad(loss_fn: Callable, *, has_aux: bool = False, axis_name: str | tuple[str, ...] | None = None
+                       ) -> Callable:
   """``loss_fn(params, state, *args)`` -> a function returning (loss, grads, new_state) (with `has_aux`:
   ((loss, aux), grads, new_state)): the gradient w.r.t. params, and the state's cotangent, which is the updated
-  FP8 state (module docstring)."""
-  vg = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)
+  FP8 state (module docstring).
 
-  def step(params, state, *args, **kwargs):
-    out, (grads, new_state) = vg(params, state, *args, **kwargs)
-    return out, grads, new_state
+  `axis_name`: the mapped axis (or axes) of a data-parallel step, under `shard_map` or `pmap`, with `loss_fn` the
+  mean over the local shard: the returned loss and gradients are the means over all shards (local value / axis
+  size, `lax.psum`), the new amaxes the maxima over them (`lax.pmax`), all replicated (module docstring); `aux`
+  stays local. None (default): a one-device step."""
+  as_bool(has_aux, "fp8_value_and_grad: has_aux")
+  axes = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if axes is not None and not (isinstance(axes, tuple) and axes and all(isinstance(a, str) for a in axes)):
+    raise ValueError(f"fp8_value_and_grad: axis_name must be None, a str or a non-empty tuple of str (the mapped "
+                     f"data axis of shard_map / pmap), got {axis_name!r}")
+  if axes is None:
+    vg = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=has_aux)
 
-  return step
+    def step(params, state, *args, **kwargs):
+      out, (grads, new_state) = vg(params, state, *args, **kwargs)
+      return out, grads, new_state
+
+    return step
+
+  def local(params, state, *args, **kwargs):
+    out = loss_fn(params, state, *args, **kwargs)
+    loss, aux = out if has_aux else (out, None)
+    return loss / lax.axis_size(axes), aux
+
+  vg = jax.value_and_grad(local, argnums=(0, 1), has_aux=True)
+
+  def dp_step(params, state, *args, **kwargs):
+    (loss, aux), (grads, new_state) = vg(*_varying((params, state), axes), *args, **kwargs)
+    loss, grads = lax.psum((loss, grads), axes)
+    new_state = lax.pmax(new_state, axes)
+    return ((loss, aux) if has_aux else loss), grads, new_state
+
+  return dp_step
+
+
+def _varying(tree, axes: tuple[str, ...]):
+  """`tree` cast to varying over `axes` (shard_map's `lax.pcast`; leaves already varying are kept)."""
+  def one(a):
+    missing = tuple(n for n in axes if n not in getattr(jax.typeof(a), "vma", frozenset()))
+    return lax.pcast(a, missing, to="varying") if missing else a
+  return jax.tree.map(one, tree)
 
 
 __all__ = ["fp8_training", "fp8_value_and_grad", "Fp8Fn", "Fp8Meta", "Fp8Options"]

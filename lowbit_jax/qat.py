@@ -22,7 +22,9 @@ signed-max grid's short end, `SymGrid.FULL`'s absmax, `ClipSearch`, double-quant
 
 Weights-and-activations specs (`activations=ActQuant(...)`, W8A8 / FP8xFP8) also fake-quantize the activations
 at every dot site of a selected weight, through the jaxpr passes (`passes/fakequant.py`), with the identity
-gradient; LLM.int8()'s data-dependent outlier split (`outlier_threshold`) is not simulated and raises.
+gradient; LLM.int8()'s data-dependent outlier split (`outlier_threshold`) is not simulated and raises. Under data
+parallelism a per-token activation scale is the same on any device split; a per-tensor one (`per_token=False`) is
+the absmax of each device's shard, so replicas see slightly different activation grids than one device would.
 
 Why params-side fake quantization is exact for weights: a weight-only quantized dot computes ``x @ deq(W)`` at
 every site of W (`quantized` runs `qmatmul`, equal to the dot with the dequantized weight up to f32 rounding), and
@@ -101,34 +103,39 @@ def _from_stored(xs, layout: WeightLayout):
   return jnp.transpose(xs, tuple(order.index(a) for a in range(len(order))))
 
 
-def _fake(x, spec: QuantSpec, layout: WeightLayout):
-  """(deq(quantize(x)), inside-the-clipping-range mask), both in x's layout."""
+def _fake(x, spec: QuantSpec, layout: WeightLayout, path: str | None = None):
+  """(deq(quantize(x)), inside-the-clipping-range mask), both in x's layout; `path` labels errors. A NaN/inf
+  entry of a traced `x` passes through as itself (the quantizers would map it to a finite code), so a corrupted
+  weight shows up in the loss and `check_finite` / `skip_nonfinite` see it instead of training on silently."""
   xs = _to_stored(x, layout)
-  q = quantize(xs, layout.spec_for(spec))
+  q = quantize(xs, layout.spec_for(spec), path=path)
   lo, hi = _clip_range(q)
   xf = xs.astype(jnp.float32)
   inside = (xf >= lo) & (xf <= hi)
-  return _from_stored(q.dequantize(), layout), _from_stored(inside, layout)
+  deq = q.dequantize()
+  deq = jnp.where(jnp.isfinite(xs), deq, xs.astype(deq.dtype))
+  return _from_stored(deq, layout), _from_stored(inside, layout)
 
 
-def fake_quant(x, spec: QuantSpec, layout: WeightLayout, ste: Ste = Ste.CLIPPED):
+def fake_quant(x, spec: QuantSpec, layout: WeightLayout, ste: Ste = Ste.CLIPPED, *, path: str | None = None):
   """``deq(quantize(x, spec))`` along `layout`'s contraction block, with the straight-through gradient `ste`
-  (module docstring). `spec`, `layout` and `ste` are static."""
+  (module docstring). `spec`, `layout` and `ste` are static; `path` (the key path, `params['a']['kernel']`) labels
+  errors: NaN/inf in a concrete `x` raises ValueError naming it (under `jit` nothing can be checked)."""
   check_enum(ste, Ste, "fake_quant: ste")
-  return _fake_quant(x, spec, layout, ste)
+  return _fake_quant(x, spec, layout, ste, path)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _fake_quant(x, spec: QuantSpec, layout: WeightLayout, ste: Ste):
-  return _fake(x, spec, layout)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _fake_quant(x, spec: QuantSpec, layout: WeightLayout, ste: Ste, path: str | None):
+  return _fake(x, spec, layout, path)[0]
 
 
-def _fake_fwd(x, spec, layout, ste):
-  out, inside = _fake(x, spec, layout)
+def _fake_fwd(x, spec, layout, ste, path):
+  out, inside = _fake(x, spec, layout, path)
   return out, (inside if ste is Ste.CLIPPED else None)
 
 
-def _fake_bwd(spec, layout, ste, inside, g):
+def _fake_bwd(spec, layout, ste, path, inside, g):
   return (g if ste is Ste.IDENTITY else jnp.where(inside, g, jnp.zeros((), g.dtype)),)
 
 
@@ -197,7 +204,7 @@ class QATFn:
     """The params tree the forward pass sees: every selected weight replaced by ``deq(quantize(W))``."""
     lays = self.layouts(params, *args, **kwargs)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: fake_quant(x, self.spec, lays[p], self.ste) if p in lays else x, params,
+        lambda p, x: fake_quant(x, self.spec, lays[p], self.ste, path=sel.path_repr(p)) if p in lays else x, params,
         is_leaf=lambda x: isinstance(x, QArray))
 
   def __call__(self, params, *args, **kwargs):
@@ -232,7 +239,8 @@ def qat(apply_fn: Callable, spec: QuantSpec, *, where: sel.Where = None, ste: St
 
   Raises:
     ValueError: a spec QAT cannot simulate (LLM.int8() outlier thresholds), an empty selection, or (naming the
-      key path) a selected leaf the function never contracts or that is already a QArray.
+      key path) a selected leaf the function never contracts or that is already a QArray, and (at a call outside
+      `jit`, naming the key path) a selected weight holding NaN/inf.
   """
   if not callable(apply_fn):
     raise ValueError(f"qat: expected a callable apply_fn(params, *args), got {apply_fn!r}")

@@ -120,3 +120,49 @@ def float_buffers(jaxpr) -> list[int]:
 def max_float_buffer(closed_jaxpr) -> int:
   """The largest float value (element count) anywhere in a jaxpr, sub-jaxprs included; 0 if none."""
   return max(float_buffers(closed_jaxpr), default=0)
+
+
+def data_parallel(fn, n_replicated: int, n_sharded: int, n_devices: int = 8):
+  """`jit(shard_map(fn))` over the mesh ("data",) of the first `n_devices` devices: the first `n_replicated`
+  arguments replicated (params, optimizer and FP8 state), the next `n_sharded` split along their leading (batch)
+  axis; every output replicated. The arguments are placed on the mesh first, so that feeding outputs back in (a
+  second step) reuses the compiled step."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
+  assert jax.device_count() >= n_devices
+  mesh = Mesh(np.array(jax.devices()[:n_devices]), ("data",))
+  specs = (PS(),) * n_replicated + (PS("data"),) * n_sharded
+  step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PS()))
+  placements = tuple(NamedSharding(mesh, s) for s in specs)
+  return lambda *args: step(*(jax.device_put(a, p) for a, p in zip(args, placements, strict=True)))
+
+
+def optax_step(opt, grads, opt_state, params):
+  """(params, opt_state) after one `opt` update, under the standard promotion optax's own code relies on."""
+  import optax
+  with jax.numpy_dtype_promotion("standard"):
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def assert_trees_close(a, b, tol=1e-5):
+  """Same tree structure, every pair of leaves `assert_close`."""
+  assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a), jax.tree.structure(b))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert_close(x, y, tol)
+
+
+def assert_mse_step_is_data_parallel(model, params, x, y):
+  """One SGD-with-momentum step on the mean squared error of `model(params, x)` against `y`, with the batch split
+  over 8 devices (shard_map; each replica differentiates the pmean of its shard losses, i.e. the global loss),
+  equals the one-device step on the whole batch (params and optimizer state, 1e-5), and moved the params."""
+  import optax
+  loss = lambda p, x, y: jnp.mean((model(p, x) - y) ** 2)
+  opt = optax.sgd(0.5, momentum=0.9)
+  with jax.numpy_dtype_promotion("standard"):
+    s0 = opt.init(params)
+  one = jax.jit(lambda p, s, x, y: optax_step(opt, jax.grad(loss)(p, x, y), s, p))(params, s0, x, y)
+  dp = data_parallel(lambda p, s, x, y: optax_step(
+      opt, jax.grad(lambda p: jax.lax.pmean(loss(p, x, y), "data"))(p), s, p), 2, 2)(params, s0, x, y)
+  assert_trees_close(dp, one, 1e-5)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(params)))
+  assert moved > 1e-2

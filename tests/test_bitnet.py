@@ -1,6 +1,6 @@
 """lowbit_jax.bitnet (BitNet b1.58, Ma et al. 2024): the paper's absmean ternary weights and per-token absmax int8
 activations, the plain STE, training under jit, conversion to packed ternary QArrays equal to the training forward,
-bad input."""
+an 8-device data-parallel step, bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax.models.llama import Llama, LlamaConfig
-from passhelpers import assert_close, is_q
+from passhelpers import assert_close, assert_mse_step_is_data_parallel, is_q
 from seeds import stable_seed
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=32)
@@ -89,6 +89,17 @@ def test_train_under_jit_then_convert(tiny):
   assert off.mean() < 0.03 and np.max(np.abs(a - b)) < 0.05, (off.mean(), np.max(np.abs(a - b)))
   assert np.mean(np.argmax(a, -1) == np.argmax(b, -1)) > 0.98
 
+
+
+
+def test_data_parallel_step_equals_one_device():
+  """One optax step with 8 sequences split over 8 devices (shard_map, the pmean of the shard losses) equals the
+  one-device step: each weight's absmean comes from the replicated weights, activations are quantized per token."""
+  rng = np.random.default_rng(stable_seed("bitnet", "dp"))
+  normal = lambda *shape, scale=1.0: jnp.asarray((scale * rng.normal(size=shape)).astype(np.float32))
+  params = {"w": normal(24, 32, scale=0.2), "v": normal(32, 6, scale=0.2)}
+  x, y = normal(8, 5, 24), normal(8, 5, 6)
+  assert_mse_step_is_data_parallel(lb.bitnet(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]), params, x, y)
 
 def test_bad_input():
   f = lambda p, x: x @ p["w"]

@@ -1,6 +1,6 @@
 """lowbit_jax.fp8_training (Micikevicius et al. 2022; flax.linen.fp8_ops' delayed scaling): the amax-history state
-updates as documented (hand-computed), sites of a scanned weight combine by max, training under jit tracks f32, bad
-input."""
+updates as documented (hand-computed), sites of a scanned weight combine by max, training under jit tracks f32, an
+8-device data-parallel step (amaxes reduced over the data axis) equal to the one-device step, bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +9,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax.models.llama import Llama, LlamaConfig
+from passhelpers import assert_trees_close, data_parallel, optax_step
 from seeds import stable_seed
 
 KEY = "params['w']"
@@ -109,12 +110,56 @@ def test_training_tracks_f32(stories260k):
   assert rel < 0.03, (rel, l8, l32)
 
 
+def test_data_parallel_steps_equal_one_device():
+  """Two optax steps of a model with a scanned stack, the batch split over 8 devices (shard_map,
+  `axis_name="data"`): loss, params and FP8 state (histories and scales) equal the one-device steps on the whole
+  batch; the recorded x amax is the global batch's, which no single shard holds."""
+  def f(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x @ p["inp"], p["layers"])
+    return h @ p["head"]
+  rng = np.random.default_rng(stable_seed("fp8", "dp"))
+  normal = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)
+  xs, ys = normal(2, 8, 3, 12), normal(2, 8, 3, 8)                     # two steps' batches, numpy
+  params = {k: jnp.asarray(normal(*shape, scale=0.3)) for k, shape in
+            (("inp", (12, 16)), ("layers", (2, 16, 16)), ("head", (16, 8)))}
+  fp8 = lb.fp8_training(f, lb.Fp8Options(history_len=3))
+  loss = lambda p, s, x, y: jnp.mean((fp8(p, s, x) - y) ** 2)
+  opt = optax.sgd(0.5, momentum=0.9)
+
+  def stepper(vg):
+    def step(p, s, o, x, y):
+      val, g, s = vg(p, s, x, y)
+      p, o = optax_step(opt, g, o, p)
+      return val, p, s, o
+    return step
+
+  one = jax.jit(stepper(lb.fp8_value_and_grad(loss)))
+  dp = data_parallel(stepper(lb.fp8_value_and_grad(loss, axis_name="data")), 3, 2)
+  with jax.numpy_dtype_promotion("standard"):
+    o = opt.init(params)
+  a = b = (params, fp8.init(params, xs[0]), o)
+  for x, y in zip(xs, ys):
+    loss_one, *a = one(*a, x, y)
+    loss_dp, *b = dp(*b, x, y)
+    np.testing.assert_allclose(float(loss_dp), float(loss_one), rtol=1e-6)
+    assert_trees_close(b, a, 1e-5)
+  state = a[1]
+  inp = state["params['inp']"]
+  shard_amax = np.max(np.abs(xs[1].reshape(8, -1)), axis=1)
+  assert float(inp.x_history[0]) == np.max(shard_amax) > np.min(shard_amax)
+  np.testing.assert_allclose(float(inp.x_scale), np.max(np.abs(xs[0])) / 448, rtol=1e-6)   # step 1's amax
+  assert all(float(m.g_scale) != 1.0 for m in state.values())
+
+
 def test_bad_input():
   f = lambda p, x: x @ p["w"]
   with pytest.raises(ValueError, match="history_len"):
     lb.Fp8Options(history_len=0)
   with pytest.raises(ValueError, match="options"):
     lb.fp8_training(f, "e4m3")
+  for bad in (3, (), ("data", 0)):
+    with pytest.raises(ValueError, match="axis_name must be None, a str or a non-empty tuple of str"):
+      lb.fp8_value_and_grad(f, axis_name=bad)
   fp8 = lb.fp8_training(f, lb.Fp8Options(history_len=2))
   p, x = {"w": jnp.ones((3, 2))}, jnp.ones((1, 3))
   with pytest.raises(ValueError, match="state"):

@@ -1,7 +1,8 @@
 """lowbit_jax.qat: fake-quantized forward == the converted (rtn) model through `quantized`, the clipped STE, W8A8
-activations, zoo layouts, optax training under jit, bad specs."""
+activations, zoo layouts, optax training under jit, an 8-device data-parallel step, bad specs and NaN weights."""
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import optax
 import pytest
@@ -9,7 +10,7 @@ import pytest
 import lowbit_jax as lb
 from lowbit_jax.qat import fake_quant
 from lowbit_jax.layout import WeightLayout
-from passhelpers import ScanModel, assert_close, quantized_jit, random_like
+from passhelpers import ScanModel, assert_close, assert_mse_step_is_data_parallel, quantized_jit, random_like
 from seeds import stable_seed
 from zoo_layouts import ZOO
 
@@ -113,3 +114,48 @@ def test_where_and_bad_specs(scan_setup):
     lb.qat(f, "int4")
   with pytest.raises(ValueError, match=r"params\['head'\]\['bias'\]"):
     lb.qat(f, SPEC, where=r"head/bias$")(params, x)
+
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(16)(x)                                                # Dense_0
+    return nn.Dense(8)(jax.nn.relu(h))                                 # Dense_1
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+  m = MLP()
+  rng = np.random.default_rng(stable_seed("qat", "mlp"))
+  x, y = (jnp.asarray(rng.normal(size=shape).astype(np.float32)) for shape in ((8, 12), (8, 8)))
+  params = random_like(jax.eval_shape(m.init, jax.random.key(0), x)["params"], seed=stable_seed("qat", "mlp"),
+                       scale=0.3)
+  return (lambda p, x: m.apply({"params": p}, x)), params, x, y
+
+
+def test_data_parallel_step_equals_one_device(mlp_setup):
+  """One optax step with the batch split over 8 devices (shard_map) equals the one-device step on the whole batch."""
+  f, params, x, y = mlp_setup
+  assert_mse_step_is_data_parallel(lb.qat(f, SPEC), params, x, y)
+
+
+def test_nan_weight_raises_naming_the_key_path(mlp_setup):
+  f, params, x, _ = mlp_setup
+  bad = jax.tree.map(lambda a: a, params)
+  bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].at[1, 2].set(jnp.nan)
+  for fn in (lb.qat(f, SPEC), lb.bitnet(f)):
+    for call in (lambda: fn(bad, x), lambda: jax.grad(lambda p: jnp.sum(fn(p, x)))(bad)):
+      with pytest.raises(ValueError, match=r"params\['Dense_0'\]\['kernel'\]: expected finite weights, found 1 NaN"):
+        call()
+
+
+def test_nan_weight_under_jit_reaches_the_output(mlp_setup):
+  """Under `jit` nothing can raise: a NaN weight must not be quantized to a finite code (training on with it
+  frozen at NaN), but reach the output, where the loss and `check_finite` see it."""
+  f, params, x, _ = mlp_setup
+  bad = jax.tree.map(lambda a: a, params)
+  bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].at[1, 2].set(jnp.nan)
+  for fn in (lb.qat(f, SPEC), lb.bitnet(f)):
+    assert bool(jnp.all(jnp.isfinite(jax.jit(fn)(params, x))))
+    assert not bool(jnp.all(jnp.isfinite(jax.jit(fn)(bad, x))))

@@ -27,6 +27,14 @@ def human_bytes(n: float) -> str:
   return f"{int(n)} B"
 
 
+def human_count(n: float) -> str:
+  """Parameter counts as they are quoted: 512, 260K, 135M, 1.1B."""
+  for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= size:
+      return f"{n / size:.3g}{unit}"
+  return f"{int(n)}"
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafMemory:
   path: str
@@ -79,9 +87,11 @@ class MemoryReport:
     return "\n".join(rows)
 
   def summary(self) -> str:
-    return (f"{self.total_params / 1e9:.3f} B params, {self.gb:.3f} GB ({self.total_bytes / 2**30:.3f} GiB), "
-            f"{self.bits_per_weight:.3f} bits/weight, {self.gb_per_billion_params:.3f} GB per billion params, "
-            f"{self.compression_vs_bf16:.2f}x smaller than bf16")
+    """One line in units that fit the model: "135M params, 91.6 MB (87.4 MiB), 5.425 bits/weight, 0.678 GB per
+    billion params, 2.95x smaller than bf16"."""
+    return (f"{human_count(self.total_params)} params, {human_bytes(self.total_bytes)} "
+            f"({self.total_bytes / 2**20:.3g} MiB), {self.bits_per_weight:.3f} bits/weight, "
+            f"{self.gb_per_billion_params:.3f} GB per billion params, {self.compression_vs_bf16:.2f}x smaller than bf16")
 
   def __str__(self):
     return self.table() + "\n" + self.summary()

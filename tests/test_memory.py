@@ -1,4 +1,6 @@
 """memory_report on concrete and abstract trees; the numbers behind the README's memory table."""
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -45,6 +47,19 @@ def test_concrete_and_abstract_reports_agree():
   assert concrete.leaves[0].nbytes == lb.rtn(params, None, spec)["a"]["kernel"].nbytes
   assert "NF4" in concrete.table() and "total" in concrete.table()
   assert "bits/weight" in concrete.summary()
+
+
+@pytest.mark.parametrize("n_in, count_unit, byte_unit", [(64, "K", "kB"), (4096, "K", "kB"), (2**20, "M", "MB")])
+def test_summary_units_fit_the_size(n_in, count_unit, byte_unit):
+  """Counts and bytes in K/M/B and kB/MB/GB (3 significant digits of the true totals), never "0.000 B params"."""
+  shapes = {"a": {"kernel": jax.ShapeDtypeStruct((n_in, 172), jnp.float32)},
+            "b": {"scale": jax.ShapeDtypeStruct((n_in,), jnp.float32)}}
+  rep = lb.memory_report(jax.eval_shape(lambda p: lb.rtn(p, None, lb.nf4_spec()), shapes))
+  m = re.match(r"([\d.]+)([KMB]) params, ([\d.]+) ([kMG]?B) \(", rep.summary())
+  assert m and (m[2], m[4]) == (count_unit, byte_unit), rep.summary()
+  scale = {"K": 1e3, "M": 1e6, "kB": 1e3, "MB": 1e6}
+  assert float(m[1]) * scale[m[2]] == pytest.approx(n_in * 173, rel=5e-3)
+  assert float(m[3]) * scale[m[4]] == pytest.approx(rep.total_bytes, rel=5e-3)
 
 
 def test_bad_input():

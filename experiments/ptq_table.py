@@ -1,9 +1,12 @@
 """Post-training quantization of stories260K: every method of the library on one table (GitHub issue 5, item 5).
 
-    python -m experiments.ptq_table            # capped evaluation (see CONFIG.max_windows), ~10 min on 2 cores
-    python -m experiments.ptq_table --full     # every window of both evaluation sets
+    python -m experiments.ptq_table                       # a newcomer's run: QUICK rows, 8 windows, ~3 min
+    python -m experiments.ptq_table --full                # the committed table (every row, 64 windows), ~10 min
+    python -m experiments.ptq_table --full --all-windows  # every window of both evaluation sets
 
-Writes experiments/results/ptq_table.md (table, config, acceptance checks) and ptq_table.png.
+Writes experiments/results/ptq_table.md (table, config, acceptance checks) and ptq_table.png; the quick run writes
+ptq_table_quick.md / .png instead, so it never overwrites the committed table. Compiled programs are cached on disk
+in .jax_cache/experiments (JAX's persistent compilation cache), so a rerun skips most compilation.
 
 Protocol:
   * Calibration (GPTQ, AWQ, SmoothQuant, LLM.int8()): the TinyStories training slice is tokenized like the headline
@@ -12,7 +15,7 @@ Protocol:
     windows tokens[s : s + calib_len] are fed to `lowbit_jax.calibrate` in batches of `calib_batch`. One
     calibration of the fp32 model serves every calibrated row; its time is reported once, not per row.
   * Evaluation: each set is cut into non-overlapping windows of `seq_len` tokens (as `lowbit_jax.eval.perplexity`),
-    of which the first `max_windows` are run (all with --full); in every window tokens 1..seq_len-1 are scored.
+    of which the first `max_windows` are run (all with --all-windows); in every window tokens 1..seq_len-1 are scored.
     KL(fp32 || quantized) and top-1 agreement with fp32 are averaged over the same scored positions of the
     TinyStories windows, against fp32 logits computed once.
   * Every quantized row runs the packed parameters (QArray leaves; asserted for every linear weight) through
@@ -50,6 +53,11 @@ from lowbit_jax import eval as ev
 from lowbit_jax.eval import Segmentation, token_kl_divergence
 from lowbit_jax.io.gguf import load_gguf
 from lowbit_jax.models.llama import Llama, stack_layers
+
+try:
+  from experiments import compile_cache
+except ModuleNotFoundError:  # run as `python experiments/ptq_table.py`
+  import compile_cache
 
 
 
@@ -109,6 +117,7 @@ class Config:
   rows: tuple[Row, ...]
   out_dir: Path
   calib_segmentation: Segmentation = Segmentation.BOS_PER_BLOCK
+  out_name: str = "ptq_table"   # <out_dir>/<out_name>.md and .png
 
 
 def _rows() -> tuple[Row, ...]:
@@ -136,6 +145,12 @@ CONFIG = Config(
     rows=_rows(),
     out_dir=Path(__file__).resolve().parent / "results",
 )
+# The default run: the methods a newcomer compares first, on fewer windows and calibration windows (compilation,
+# not arithmetic, dominates this model's run time; every row compiles its quantizer and its packed forward).
+QUICK = dataclasses.replace(
+    CONFIG, calib_windows=32, max_windows=8, out_name="ptq_table_quick",
+    rows=(Row(Method.FP32), Row(Method.RTN, 4, 32), Row(Method.GPTQ, 4, 32, True), Row(Method.AWQ, 4, 32),
+          Row(Method.NF4)))
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -336,11 +351,13 @@ def acceptance(results: list[Result], n_sets: int) -> list[tuple[str, list[str]]
   return checks
 
 
-def markdown(cfg: Config, results: list[Result], skipped: dict[Row, str], info: dict[str, Any], full: bool) -> str:
+def markdown(cfg: Config, results: list[Result], skipped: dict[Row, str], info: dict[str, Any],
+             all_windows: bool) -> str:
   names = [ds.name for ds in cfg.eval_sets]
   cmp = next(ds.name for ds in cfg.eval_sets if ds.compare_to_fp32)
   windows = ", ".join(f"{ds.name}: {n} windows" for ds, n in zip(cfg.eval_sets, info["windows"]))
-  cap = "all windows (--full)" if full else f"the first {cfg.max_windows} windows of {cfg.seq_len} tokens of each set"
+  cap = ("all windows (--all-windows)" if all_windows
+         else f"the first {cfg.max_windows} windows of {cfg.seq_len} tokens of each set")
   calib = "none" if info["calib_seconds"] is None else f"{info['calib_seconds']:.1f} s, once"
   lines = [
       "# Post-training quantization of stories260K",
@@ -356,7 +373,7 @@ def markdown(cfg: Config, results: list[Result], skipped: dict[Row, str], info: 
       f"per-token dynamic int8 activations, scales folded like AWQ's); LLM.int8() threshold {cfg.llm_int8_threshold}; NF4 `nf4_spec()` "
       f"(blocks of 64, double-quantized scales); FP8 `fp8_spec()` (E4M3, per-tensor scale). Scales are float32.",
       "",
-      "| method | " + " | ".join(f"ppl {n}" for n in names) + f" | KL to fp32 | top-1 vs fp32 | bits/weight "
+      "| method | " + " | ".join(f"ppl {n}" for n in names) + " | KL to fp32 | top-1 vs fp32 | bits/weight "
       "(linear) | bits/weight (model) | quant time (s) |",
       "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | ---: | ---: | ---: |",
   ]
@@ -372,15 +389,15 @@ def markdown(cfg: Config, results: list[Result], skipped: dict[Row, str], info: 
   lines += [f"| {name} | " + " | ".join(v) + " |" for name, v in acceptance(results, len(names))]
   protocol = textwrap.dedent(__doc__.split("Protocol:\n", 1)[1]).rstrip()
   lines += ["", "## Protocol (the script's docstring)", "", protocol]
-  lines += ["", "## Config", "", "```", *_config_lines(cfg, full), "```", ""]
+  lines += ["", "## Config", "", "```", *_config_lines(cfg, all_windows), "```", ""]
   return "\n".join(lines)
 
 
-def _config_lines(cfg: Config, full: bool) -> list[str]:
+def _config_lines(cfg: Config, all_windows: bool) -> list[str]:
   shown = {"rows": ", ".join(r.label for r in cfg.rows),
            "eval_sets": "; ".join(f"{d.name} ({d.asset}, {d.segmentation.name})" for d in cfg.eval_sets)}
   return [f"{f.name} = {shown.get(f.name, getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
-          if f.name != "out_dir"] + [f"full = {full}"]
+          if f.name not in ("out_dir", "out_name")] + [f"all_windows = {all_windows}"]
 
 
 MARKERS = {Method.RTN: "o", Method.GPTQ: "s", Method.AWQ: "^", Method.SMOOTHQUANT: "D", Method.LLM_INT8: "P",
@@ -420,20 +437,26 @@ def finish_ppl_plot(fig, axes, cfg: Config, title: str, path: Path) -> None:
   plt.close(fig)
 
 
-def main(cfg: Config = CONFIG, full: bool = False) -> tuple[list[Result], dict[Row, str]]:
-  if full:
+def main(cfg: Config = CONFIG, all_windows: bool = False) -> tuple[list[Result], dict[Row, str]]:
+  if all_windows:
     cfg = dataclasses.replace(cfg, max_windows=None)
   results, skipped, info = run(cfg)
-  text = markdown(cfg, results, skipped, info, full)
+  text = markdown(cfg, results, skipped, info, all_windows)
   cfg.out_dir.mkdir(parents=True, exist_ok=True)
-  (cfg.out_dir / "ptq_table.md").write_text(text, encoding="utf-8")
-  plot(cfg, results, cfg.out_dir / "ptq_table.png")
+  md, png = cfg.out_dir / f"{cfg.out_name}.md", cfg.out_dir / f"{cfg.out_name}.png"
+  md.write_text(text, encoding="utf-8")
+  plot(cfg, results, png)
   print(text)
-  print(f"wrote {cfg.out_dir / 'ptq_table.md'} and {cfg.out_dir / 'ptq_table.png'}")
+  print(f"wrote {md} and {png}" + (" (the quick run; --full for the committed table)" if cfg is QUICK else ""))
   return results, skipped
 
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--full", action="store_true", help="evaluate every window of both sets (no cap)")
-  main(full=parser.parse_args().full)
+  parser.add_argument("--full", action="store_true", help="every row of the committed table (not the quick rows)")
+  parser.add_argument("--all-windows", action="store_true", help="with --full: every window of both sets (no cap)")
+  args = parser.parse_args()
+  if args.all_windows and not args.full:
+    parser.error("--all-windows needs --full")
+  compile_cache.enable()
+  main(CONFIG if args.full else QUICK, all_windows=args.all_windows)

@@ -2,7 +2,7 @@
 model (GitHub issue 13, item 5, the SmolLM2 part).
 
     python -m experiments.qlora_smollm2            # ~15 min on 2 cores -> experiments/results/qlora_smollm2.md, .png
-    python -m experiments.qlora_smollm2 --quick    # 2 steps each, short windows: a smoke test (results/..._quick.*)
+    python -m experiments.qlora_smollm2 --quick    # 2 steps each, short windows: a smoke test (to the temp dir)
 
 Each mode runs in its own fresh Python process (`--mode`), so that one mode's buffers never count in the other's peak:
 
@@ -38,6 +38,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -238,4 +239,4 @@ if __name__ == "__main__":
   if a.mode:
     a.json.write_text(json.dumps(child(Mode(a.mode), r)))
   else:
-    main(r, OUT.with_name(OUT.name + "_quick") if a.quick else OUT)
+    main(r, Path(tempfile.gettempdir()) / (OUT.name + "_quick") if a.quick else OUT)

@@ -145,10 +145,10 @@ CONFIG = Config(
     rows=_rows(),
     out_dir=Path(__file__).resolve().parent / "results",
 )
-# The default run: the methods a newcomer compares first, on fewer windows and calibration windows (compilation,
+# The default run: the methods a newcomer compares first, on fewer evaluation windows (compilation,
 # not arithmetic, dominates this model's run time; every row compiles its quantizer and its packed forward).
 QUICK = dataclasses.replace(
-    CONFIG, calib_windows=32, max_windows=8, out_name="ptq_table_quick",
+    CONFIG, max_windows=8, out_name="ptq_table_quick",
     rows=(Row(Method.FP32), Row(Method.RTN, 4, 32), Row(Method.GPTQ, 4, 32, True), Row(Method.AWQ, 4, 32),
           Row(Method.NF4)))
 # -------------------------------------------------------------------------------------------------------------------

@@ -156,7 +156,11 @@ class WeightHandler(Handler):
       if new_origin is None or v.index is not None and name not in views.WHOLE:
         return None
       return [Tagged(bind(eqn, [v.array, *rest]), new_origin, v.index)]
-    if isinstance(v.q, Sparse24):   # no views of the 2:4 format yet: a float copy, recorded
+    if isinstance(v.q, Sparse24):   # whole-weight views (identities, a float cast) keep the 2:4 format; any other
+      #                               view of it is a float copy, recorded
+      if (name in views.WHOLE and new_origin is not None and tuple(out_aval.shape) == tuple(v.q.shape)
+          and jnp.issubdtype(out_aval.dtype, jnp.floating)):
+        return [QValue(Sparse24(v.q.values, v.q.meta, k=v.q.k, dtype=out_aval.dtype), new_origin)]
       return [bind(eqn, [self.materialize(v, ctx, name, "a view of a 2:4 sparse weight"), *rest])]
     try:
       q = views.qarray(v.q, view)

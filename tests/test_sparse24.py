@@ -10,6 +10,7 @@ import pytest
 
 import lowbit_jax as lb
 from lowbit_jax.algorithms.sparsity import magnitude_pruned
+from lowbit_jax.passes import DequantizedWarning
 from lowbit_jax.passes.values import Impl
 from lowbit_jax.sparse import compress, sparse24_matmul
 from passhelpers import ScanModel, assert_close, random_like
@@ -73,6 +74,23 @@ def test_quantized_runs_it_at_dot_sites_on_a_scanned_stack():
   mem = lb.memory_report(packed)
   row = next(l for l in mem.leaves if l.path == "inp/kernel")
   assert row.nbytes == packed["inp"]["kernel"].nbytes == 6 * 16 * 4 + 2 * 16 and "2:4 sparse" in row.kind
+
+
+def test_a_float_cast_of_a_float16_2_4_weight_still_runs_packed():
+  """Models that cast a float16 weight up before the dot (Llama's f32 compute) keep the 2:4 format through the cast
+  (a whole-weight view); any other view decodes it, with the DequantizedWarning naming it."""
+  rng = np.random.default_rng(stable_seed("sparse24", "cast"))
+  w = jnp.asarray(rng.normal(size=(16, 8)).astype(np.float16))
+  x = jnp.asarray(rng.normal(size=(3, 16)).astype(np.float32))
+  apply = lambda p, x: x @ p["w"].astype(jnp.float32)
+  calib = lb.calibrate(apply, {"w": w.astype(jnp.float32)}, [x])
+  packed = lb.compress_24(lb.magnitude_prune({"w": w}, calib, lb.NM()))
+  qf = lb.quantized(apply)
+  assert_close(jax.jit(qf)(packed, x), x @ packed["w"].densify().astype(jnp.float32), 1e-6)
+  assert all(r.packed for r in qf.report(packed, x).weights)
+  sliced = lambda p, x: x[:, :8] @ p["w"][:8].astype(jnp.float32)
+  with pytest.warns(DequantizedWarning, match=r"params\['w'\].*a view of a 2:4 sparse weight"):
+    lb.quantized(sliced)(packed, x)
 
 
 def test_bad_input_names_the_key_path():

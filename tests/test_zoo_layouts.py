@@ -187,3 +187,25 @@ def test_conv_warns_once_per_weight_and_is_counted():
   report = lb.quantized(z.apply).report(q, z.batch)
   assert {w.where for w in report.dequantized} == {"params['conv1']['kernel']", "params['conv2']['kernel']"}
   assert report.packed_bytes == q["proj"]["kernel"].nbytes
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_sparsegpt_2_4_on_every_layout(name):
+  """SparseGPT 2:4 prunes every calibrated weight along the axes the function contracts (each weight in its (*B, K,
+  N) layout keeps at most 2 of every 4 consecutive K entries, for every column and stacked layer or expert), and
+  the pruned model's output error is below magnitude 2:4's (convolutions, without statistics, are magnitude
+  pruned with a warning)."""
+  z, _ = _build(name)
+  calib = lb.calibrate(z.apply, z.params, [z.batch])
+  with _expect(bool(z.conv), RuntimeWarning, "sparsegpt: no calibration statistics for .*convolution"):
+    pruned = lb.sparsegpt(z.params, calib, lb.NM())
+  mag = lb.magnitude_prune(z.params, calib, lb.NM())
+  flat = {p: leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pruned)[0]}
+  for p in calib:
+    kn = np.asarray(calib[p].layout.to_kn(flat[p]))                                 # (*B, K, N)
+    groups = kn.reshape(kn.shape[:-2] + (kn.shape[-2] // 4, 4, kn.shape[-1]))      # (*B, K/4, 4, N)
+    assert np.all(np.sum(groups != 0, axis=-2) <= 2), path_str(p)
+  run = jax.jit(z.apply)
+  ref = run(z.params, z.batch)
+  err = lambda t: float(jnp.mean((run(t, z.batch) - ref) ** 2))
+  assert err(pruned) < err(mag), (err(pruned), err(mag))

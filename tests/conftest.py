@@ -32,14 +32,16 @@ from lowbit_jax.passes import Calibration  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # The suite is compile-bound, and many tests compile the same programs (the same model calibrated and quantized in
-# several files, both xdist workers loading it, eager ops): JAX's persistent compilation cache serves every repeat
-# from disk, across tests, workers and runs. Every compile is cached (min time 0); a size cap enables JAX's file
-# lock, so the two workers never read a half-written entry. `LOWBIT_JAX_TEST_JAX_CACHE` moves it; CI starts empty.
-_CACHE = Path(__file__).resolve().parent.parent / ".jax_cache" / "tests"
-jax.config.update("jax_compilation_cache_dir", os.environ.get("LOWBIT_JAX_TEST_JAX_CACHE", str(_CACHE)))
+# several files, eager ops): JAX's persistent compilation cache serves every repeat from disk, within a run and on
+# a rerun. Every compile is cached (min time 0). One folder per xdist worker, without a size cap: a capped cache
+# locks a file and scans the whole folder on every write (quadratic in the ~10k entries of a run: it made CI 50 %
+# slower), and an uncapped folder shared by two writers could serve a half-written entry. `LOWBIT_JAX_TEST_JAX_CACHE`
+# moves it; CI starts empty.
+_CACHE = Path(os.environ.get("LOWBIT_JAX_TEST_JAX_CACHE", Path(__file__).resolve().parent.parent / ".jax_cache" /
+                             "tests"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE / os.environ.get("PYTEST_XDIST_WORKER", "main")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)
 
 # CI profile: small but real. `HYPOTHESIS_PROFILE=thorough pytest tests/test_formats.py` runs >= 10,000 examples
 # per property by hand.

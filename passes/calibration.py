@@ -4,8 +4,10 @@
     calib['layers/attention/wq/kernel'].hessian      # (n_layers, K, K) for a scanned stack, (K, K) otherwise
 
 `apply_fn(params, batch)` is traced once (under `jax.jit`) and re-run on every batch; statistics stream in float32
-(see `passes/capture.py`). Batches may be sharded `jax.Array`s (e.g. `NamedSharding` over a data mesh axis): the
-jitted step reduces over shards, so the statistics equal a one-device run.
+(see `passes/capture.py`). Batches and params may be sharded `jax.Array`s, e.g. on a (data, model) mesh the batches
+split over "data" and tensor-parallel weights over "model": the jitted step follows their `NamedSharding`s (XLA
+reduces over the shards), so every statistic equals a one-device run up to float rounding; statistics come back
+placed as XLA chose (a Hessian may be split over "model" on one axis).
 
 Invariants of a `Calibration`: every selected leaf has an entry (otherwise `calibrate` raises, naming it and why);
 entries are in the order the trace first consumes the weights (the order sequential algorithms visit layers);
@@ -175,7 +177,8 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
   Args:
     apply_fn: `apply_fn(params, batch)`; any Flax linen / NNX / transformers function, unmodified.
     params: the parameter pytree (QArray leaves run quantized and are not calibrated).
-    batches: an iterable of batches (all with one structure, shape and dtype).
+    batches: an iterable of batches (all with one structure, shape and dtype); sharded batches and params (data
+      and model mesh axes) give the statistics of a one-device run (see the module docstring).
     stats: which `Stat`s to collect (the Hessian costs K² per weight).
     where: which leaves (see `lowbit_jax.select`); default: by use, every float weight the function contracts
       against an activation (`dot_general` / einsum / `ragged_dot` / conv), whatever its name or layout;

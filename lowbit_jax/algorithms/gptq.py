@@ -18,6 +18,12 @@ are re-captured from the model with the already-quantized weights in place, as t
 each block the outputs of the quantized blocks before it (IST-DASLab/gptq, `llama.py`, `--true-sequential`). A
 scanned stack is one leaf, so its layers are quantized together from one capture.
 
+Sharded weights: a leaf whose `NamedSharding` splits its output features over mesh axes (tensor-parallel q/k/v,
+gate/up: `P(None, "model")`) is solved under `shard_map`, each device quantizing only its output columns (GPTQ's
+columns are independent given H), and comes back as a QArray whose codes, scales and zero points are split the same
+way; any other sharding runs as one program. Either way the result equals one device's (`lowbit_jax.algorithms.
+sharded`).
+
 Weights without calibration statistics (convolutions) are quantized round-to-nearest, with one warning naming them.
 Nothing is modified in place: all weights and statistics are validated before any is quantized, and the result is
 a new tree.
@@ -35,7 +41,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
-from lowbit_jax.algorithms import common
+from lowbit_jax.algorithms import common, sharded
 from lowbit_jax.algorithms.common import Target
 from lowbit_jax.algorithms.gptq_core import check_inputs, check_options, damp_levels, gptq_solve
 from lowbit_jax.checks import as_bool, check_finite_outputs
@@ -92,11 +98,18 @@ def _quantize(t: Target, hessian, spec: QuantSpec, o: _Options):
   bad = common.degenerate([t], {"its activations are all zero (an all-zero Hessian)": common.all_zero(diag),
                                 "its activations overflow float32 (an inf Hessian)": common.overflowing(H, 2)},
                           "gptq", o.strict)
+  cols = sharded.columns(t, spec)
+  finish = lambda q: sharded.place(common.unflatten_q(q, t), t, cols)   # in the leaf's sharding, if split
   if bad.all():
-    return common.unflatten_q(common.rtn_kn(t, kspec), t)
+    return finish(common.rtn_kn(t, kspec))
   H = jnp.where(jnp.asarray(bad)[:, None, None], jnp.eye(lay.k, dtype=jnp.float32), H)
-  q, _, tries, ok = _solve_stack(t.kn(), H, jnp.asarray(fracs, jnp.float32), spec=kspec,
-                                 blocksize=o.blocksize, act_order=o.act_order, static_groups=o.static_groups)
+  static = dict(spec=kspec, blocksize=o.blocksize, act_order=o.act_order, static_groups=o.static_groups)
+  args = (t.kn(), H, jnp.asarray(fracs, jnp.float32))
+  if cols is None:
+    q, _, tries, ok = _solve_stack(*args, **static)
+  else:   # each device solves its output columns (see `sharded`)
+    q, _, tries, ok = sharded.solve(*args, fn=_solve_stack, cols=cols, reduce=(sharded.COLS, sharded.SUM,
+                                    sharded.MAX, sharded.ALL), options=tuple(sorted(static.items())))
   if bad.any():
     q = common.where_layers(bad, common.rtn_kn(t, kspec), q)
   tries, ok = np.asarray(tries), np.asarray(ok)
@@ -109,7 +122,7 @@ def _quantize(t: Target, hessian, spec: QuantSpec, o: _Options):
     bad = np.flatnonzero(tries)
     warnings.warn(f"{label(bad)}: Hessian not positive definite with percdamp={fracs[0]:g}; needed up to "
                   f"{fracs[int(tries.max())]:g}", RuntimeWarning, stacklevel=3)
-  return common.unflatten_q(q, t)
+  return finish(q)
 
 
 def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where = None,
@@ -118,7 +131,8 @@ def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: s
   """Quantize the calibrated weights of `params` with GPTQ; returns a new tree with QArray leaves.
 
   Args:
-    params: the parameters `calib` was collected on.
+    params: the parameters `calib` was collected on; leaves split over a mesh on their output features are solved
+      one shard per device and stay split (see the module docstring), with the one-device result.
     calib: `lowbit_jax.calibrate(apply_fn, params, batches)` (with Stat.HESSIAN, collected by default).
     spec: an integer QuantSpec (`lowbit_jax.int_spec(bits, group_size=..., symmetric=..., scale_dtype=...)`);
       its axis is ignored: each weight is quantized along the contraction block the trace recorded.

@@ -13,6 +13,11 @@ its scanned-layer / expert axes, one (K, N) problem with its own Hessian per lay
 `lax.map` on device (dampening retries included). Without `spec` the result keeps float leaves (exact zeros); with
 an integer `spec` the pruned weights are QArrays whose pruned entries decode to exactly 0.
 
+Sharded weights: under an N:M pattern, a leaf whose `NamedSharding` splits its output features over mesh axes is
+pruned under `shard_map`, each device solving its own output columns, and comes back split the same way
+(`lowbit_jax.algorithms.sharded`); unstructured sparsity ranks a whole block of columns at once, so it (and any
+other sharding) runs as one program. Either way the result equals one device's.
+
 Fallbacks, each with a warning (`strict=True` raises for degenerate statistics): weights without calibration
 statistics (convolutions) and layers with an all-zero or overflowing Hessian are pruned by magnitude (then
 round-to-nearest quantized with `spec`). Deviation: the reference prunes layers sequentially, feeding each the
@@ -31,7 +36,7 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax import select as sel
-from lowbit_jax.algorithms import common
+from lowbit_jax.algorithms import common, sharded
 from lowbit_jax.algorithms.hessian import damp_levels
 from lowbit_jax.algorithms.magnitude import check_prunable, to_leaf
 from lowbit_jax.algorithms.sparsegpt_core import sparsegpt_solve
@@ -97,8 +102,8 @@ def _magnitude(t: common.Target, o: _Options):
   return quantize_jit(pruned, common.kn_spec(o.spec), None)
 
 
-def _finish(t: common.Target, r):
-  return common.unflatten_q(r, t) if isinstance(r, QArray) else to_leaf(t, r)
+def _finish(t: common.Target, r, cols: sharded.Columns | None = None):
+  return sharded.place(common.unflatten_q(r, t) if isinstance(r, QArray) else to_leaf(t, r), t, cols)
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "spec", "blocksize"))
@@ -115,12 +120,18 @@ def _prune(t: common.Target, o: _Options):
   bad = common.degenerate([t], {"its activations are all zero (an all-zero Hessian)": common.all_zero(diag),
                                 "its activations overflow float32 (an inf Hessian)": common.overflowing(H, 2)},
                           OP, o.strict, instead=("prunes by magnitude", "pruned by magnitude"))
+  cols = sharded.columns(t, o.spec) if isinstance(o.pattern, NM) else None   # unstructured couples all columns
   if bad.all():
-    return _finish(t, _magnitude(t, o))
+    return _finish(t, _magnitude(t, o), cols)
   H = jnp.where(jnp.asarray(bad)[:, None, None], jnp.eye(lay.k, dtype=jnp.float32), H)
   kspec = None if o.spec is None else common.kn_spec(o.spec)
-  r, _, _, tries, ok = _solve_stack(t.kn(), H, jnp.asarray(fracs, jnp.float32), pattern=o.pattern, spec=kspec,
-                                    blocksize=o.blocksize)
+  static = dict(pattern=o.pattern, spec=kspec, blocksize=o.blocksize)
+  args = (t.kn(), H, jnp.asarray(fracs, jnp.float32))
+  if cols is None:
+    r, _, _, tries, ok = _solve_stack(*args, **static)
+  else:   # N:M: each device prunes its output columns (see `sharded`)
+    r, _, _, tries, ok = sharded.solve(*args, fn=_solve_stack, cols=cols, reduce=(
+        sharded.COLS, sharded.COLS, sharded.SUM, sharded.MAX, sharded.ALL), options=tuple(sorted(static.items())))
   if bad.any():
     r = common.where_layers(bad, _magnitude(t, o), r)
   tries, ok = np.asarray(tries), np.asarray(ok)
@@ -130,7 +141,7 @@ def _prune(t: common.Target, o: _Options):
   if tries.any():
     warnings.warn(f"{common.layer_names(t, np.flatnonzero(tries))}: Hessian not positive definite with "
                   f"percdamp={fracs[0]:g}; needed up to {fracs[int(tries.max())]:g}", RuntimeWarning, stacklevel=3)
-  return _finish(t, r)
+  return _finish(t, r, cols)
 
 
 def sparsegpt(params, calib: Calibration, options: Sparsity | NM = Sparsity(), *, where: sel.Where = None,

@@ -19,6 +19,7 @@ in `params` (a layer of a stack: the stacked leaf's path and the layer index).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Collection, Iterable
 
@@ -45,7 +46,7 @@ def _packed(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  """Where a static input of a level comes from: a parameter leaf (`path`) seen through `views` (ops applied in
+  """Where a static input of a scan comes from: a parameter leaf (`path`) seen through `views` (ops applied in
   order, each a transpose or a cast), or nothing nameable (`path` None: a constant table)."""
   path: tuple | None
   views: tuple = ()
@@ -115,16 +116,17 @@ def streamed(method: Callable, apply_fn: Callable, params, batches: Iterable, *a
   closed = jax.make_jaxpr(flat_fn)(abstract, b_flat)
   static_in = {j: frozenset({paths[i]}) for j, i in enumerate(dyn)}
   level = Level.build(closed, static_in, selected)
-  sources = {level.in_refs[j]: _Source(paths[i]) for j, i in enumerate(dyn)}
+  names = {level.in_refs[j]: paths[i] for j, i in enumerate(dyn)}
   values = {level.in_refs[j]: leaves[i] for j, i in enumerate(dyn)}
   n_p = len(dyn)
   batch_vals = {r: [jax.tree_util.tree_leaves(b)[k] for b in batches] for k, r in enumerate(level.in_refs[n_p:])}
   job = _Job(method, args, options, frozenset(stats), float(outlier_threshold), p_tree, paths, selected,
              len(batches))
-  job.bar = tqdm(total=_count(job, level, sources), desc=f"streamed {getattr(method, '__name__', 'method')}",
-                 leave=False)
+  total = _count(job, level, names)
+  job.bar = tqdm(total=total, desc=f"streamed {getattr(method, '__name__', 'method')}", leave=False,
+                 disable=total < 16)
   try:
-    changed = _run_level(job, level, values, sources, batch_vals, top=True)[1]
+    changed = _run_level(job, level, values, names, batch_vals, top=True)[1]
   finally:
     job.bar.close()
   return jax.tree_util.tree_map_with_path(lambda p, l: changed.get(p, l), params, is_leaf=_packed)
@@ -132,8 +134,9 @@ def streamed(method: Callable, apply_fn: Callable, params, batches: Iterable, *a
 
 # --- one level --------------------------------------------------------------------------------------------------
 
-def _run_level(job: _Job, level: Level, values: dict, sources: dict, dyn: dict, *, top: bool, layer: tuple = ()):
-  """Run every block of `level`. values: {static input Ref: value}; sources: {static input Ref: _Source};
+def _run_level(job: _Job, level: Level, values: dict, names: dict, dyn: dict, *, top: bool, layer: tuple = ()):
+  """Run every block of `level`. values: {static input Ref: value}; names: {static input Ref: the key path of
+  the parameter it is, or None};
   dyn: {dynamic input Ref: [value per batch]}; layer: the enclosing scans' step indices (for messages).
   Returns ([per-batch values] for each output, {path: new value})."""
   env = dict(dyn)
@@ -144,17 +147,13 @@ def _run_level(job: _Job, level: Level, values: dict, sources: dict, dyn: dict, 
     if top and b > last:
       break                                  # the tail after the last weight: its outputs are not needed
     if block.kind is Kind.SCAN:
-      outs, new = _run_scan(job, level, block, values, sources, env, layer)
+      outs, new = _run_scan(job, level, block, values, names, env, layer)
     else:
-      new = _quantize_block(job, level, block, values, sources, env, layer) if block.kind is Kind.QUANT else {}
-      for r, s in sources.items():
-        if s.path in new and not s.views:
-          values[r] = new[s.path]
-      outs = None if top and b == last else _propagate(level, block, values, env, job.n)
+      new = _quantize_block(job, level, block, values, names, env, layer) if block.kind is Kind.QUANT else {}
     changed.update(new)
-    for r, s in sources.items():
-      if s.path in changed and not s.views:
-        values[r] = changed[s.path]
+    values.update({r: new[p] for r, p in names.items() if p in new})
+    if block.kind is not Kind.SCAN:
+      outs = None if top and b == last else _propagate(level, block, values, env, job.n)
     if outs is not None:
       env.update(outs)
     keep = live_after(level, b)
@@ -179,18 +178,16 @@ def _float(v):
   return dequantize(v) if _packed(v) else v
 
 
-def _block_fn(level: Level, block: Block, names: tuple, n_named: int):
-  """fn(sub, (dynamic inputs, anonymous statics)) -> the block's live outputs; `names` the key paths of its
-  first `n_named` params (in `block.params` order after sorting named first)."""
+def _block_fn(level: Level, block: Block, named: list, paths: list, others: list):
+  """fn(sub, (dynamic inputs, anonymous statics)) -> the block's live outputs: the block as a function of a
+  params-shaped tree `sub` (its `named` params at `paths`) and a batch (the `others`: constant tables)."""
   order = sorted(set(block.statics) | set(block.ops))
 
   def fn(sub, batch):
     dyn_vals, anon = batch
     flat = dict(jax.tree_util.tree_flatten_with_path(sub, is_leaf=_packed)[0])
     env = dict(level.consts)
-    named, others = _split(block, names)
-    for r, p in zip(named, names):
-      env[r] = flat[p]
+    env.update((r, flat[p]) for r, p in zip(named, paths))
     env.update(zip(others, anon))
     env.update(zip(block.inputs, dyn_vals))
     run_ops(level.ops, order, env)
@@ -198,53 +195,36 @@ def _block_fn(level: Level, block: Block, names: tuple, n_named: int):
   return fn
 
 
-def _split(block: Block, names) -> tuple:
-  k = len(names)
-  return block.params[:k], block.params[k:]
-
-
-def _ordered(block: Block, sources: dict) -> tuple:
-  """Sort the block's params named first (stable); returns their key paths."""
-  named = [r for r in block.params if sources[r].path is not None]
-  block.params = tuple(named) + tuple(r for r in block.params if sources[r].path is None)
-  return tuple(sources[r].path for r in named)
-
-
-def _quantize_block(job: _Job, level: Level, block: Block, values: dict, sources: dict, env: dict,
+def _quantize_block(job: _Job, level: Level, block: Block, values: dict, names: dict, env: dict,
                     layer: tuple) -> dict:
-  names = _ordered(block, sources)
-  if len(set(names)) != len(names):
-    raise ValueError(f"streamed: {sel.path_repr(names[0])} enters one block twice; expected each parameter once")
-  named, others = _split(block, names)
-  sub = job.skeleton({p: values[r] for r, p in zip(named, names)})
+  """Calibrate the block on its cached inputs and quantize its weights with the method; {path: new leaf}."""
+  named = [r for r in block.params if names.get(r) is not None]
+  others = [r for r in block.params if names.get(r) is None]
+  paths = [names[r] for r in named]
+  if len(set(paths)) != len(paths):
+    raise ValueError(f"streamed: {sel.path_repr(paths[0])} enters one block twice; expected each parameter once")
+  sub = job.skeleton({p: values[r] for r, p in zip(named, paths)})
   anon = tuple(values[r] for r in others)
   batches = [(tuple(env[r][k] for r in block.inputs), anon) for k in range(job.n)]
   want = frozenset(sel.path_str(p) for p in block.weights)
-  fn = _block_fn(level, block, names, len(names))
   with _at_layer(layer):
-    calib = cal.calibrate(fn, sub, batches, stats=job.stats, where=lambda path, _: path in want,
-                          outlier_threshold=job.outlier_threshold)
+    calib = cal.calibrate(_block_fn(level, block, named, paths, others), sub, batches, stats=job.stats,
+                          where=lambda path, _: path in want, outlier_threshold=job.outlier_threshold)
     out = job.method(sub, calib, *job.args, **job.options)
   flat = dict(jax.tree_util.tree_flatten_with_path(out, is_leaf=_packed)[0])
   job.bar.update()
-  return {p: flat[p] for r, p in zip(named, names) if flat.get(p) is not values[r]}
+  return {p: flat[p] for r, p in zip(named, paths) if flat.get(p) is not values[r]}
 
 
-class _at_layer:
-  """Adds the scan step to an error raised inside (a stacked weight's layer)."""
-
-  def __init__(self, layer: tuple):
-    self.layer = layer
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, err, tb):
-    if err is not None and self.layer and isinstance(err, ValueError) and not getattr(err, "_layer", False):
-      e = ValueError(f"{err} (layer {', '.join(map(str, self.layer))} of the stack)")
-      e._layer = True
-      raise e from err
-    return False
+@contextlib.contextmanager
+def _at_layer(layer: tuple):
+  """A ValueError raised inside names the scan step (the layer of a stacked weight) too."""
+  try:
+    yield
+  except ValueError as err:
+    if not layer:
+      raise
+    raise ValueError(f"{err} (layer {', '.join(map(str, layer))} of the stack)") from err
 
 
 def _propagate(level: Level, block: Block, values: dict, env: dict, n: int) -> dict:
@@ -267,7 +247,7 @@ def _propagate(level: Level, block: Block, values: dict, env: dict, n: int) -> d
 
 # --- scans: one layer at a time ---------------------------------------------------------------------------------
 
-def _source_of(level: Level, r, sources: dict) -> _Source:
+def _source_of(level: Level, r, names: dict) -> _Source:
   """Follow a static Ref back through transposes / casts to a named parameter (or give up: path None)."""
   views = []
   producer = {o: op for op in level.ops for o in op.outs if o is not None}
@@ -278,10 +258,7 @@ def _source_of(level: Level, r, sources: dict) -> _Source:
       return _Source(None)
     views.append(op)
     r = ins[0]
-  s = sources.get(r)
-  if s is None or s.path is None:
-    return _Source(None)
-  return _Source(s.path, s.views + tuple(reversed(views)))
+  return _Source(names.get(r), tuple(reversed(views)) if names.get(r) is not None else ())
 
 
 def _static_value(level: Level, r, values: dict):
@@ -293,7 +270,7 @@ def _static_value(level: Level, r, values: dict):
   return env[r]
 
 
-def _body(job: _Job, level: Level, block: Block, sources: dict):
+def _body(job: _Job, level: Level, block: Block, names: dict):
   """The scan body as a Level (built once per scan block), with where each static input comes from."""
   if "body" in block.cache:
     return block.cache["body"]
@@ -304,7 +281,7 @@ def _body(job: _Job, level: Level, block: Block, sources: dict):
   for j, r in enumerate(op.ins):
     if not level.is_static(r) or n_const <= j < n_in:
       continue
-    s = _source_of(level, r, sources) if isinstance(r, Ref) else _Source(None)
+    s = _source_of(level, r, names) if isinstance(r, Ref) else _Source(None)
     deps = (level.static.get(r, frozenset()) if isinstance(r, Ref) else frozenset()) & job.selected.keys()
     if deps and (s.path is None or j < n_const):
       w = sel.path_repr(sorted(deps, key=str)[0])
@@ -319,23 +296,26 @@ def _body(job: _Job, level: Level, block: Block, sources: dict):
   return body, srcs
 
 
-def _count(job: _Job, level: Level, sources: dict) -> int:
+def _count(job: _Job, level: Level, names: dict) -> int:
+  """QUANT blocks in all (scan bodies once per step): the progress bar's length."""
   total = 0
   for block in level.blocks:
     if block.kind is Kind.QUANT:
       total += 1
     elif block.kind is Kind.SCAN:
-      body, srcs = _body(job, level, block, sources)
-      inner = {body.in_refs[j]: _Source(s.path) for j, s in srcs.items()}
+      body, srcs = _body(job, level, block, names)
+      inner = {body.in_refs[j]: s.path for j, s in srcs.items()}
       total += level.ops[block.ops[0]].eqn.params["length"] * _count(job, body, inner)
   return total
 
 
-def _run_scan(job: _Job, level: Level, block: Block, values: dict, sources: dict, env: dict, layer: tuple):
+def _run_scan(job: _Job, level: Level, block: Block, values: dict, names: dict, env: dict, layer: tuple):
+  """Step a scan over stacked weights one layer at a time (the body a Level of its own); returns its outputs
+  per batch and {path: new stacked leaf}."""
   op = level.ops[block.ops[0]]
   p = op.eqn.params
   n_const, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
-  body, srcs = _body(job, level, block, sources)
+  body, srcs = _body(job, level, block, names)
   statics = {j: _static_value(level, r, values) if isinstance(r, Ref) else r.val
              for j, r in enumerate(op.ins) if level.is_static(r) and not n_const <= j < n_const + n_carry}
   stacked = {j: _static_value(level, op.ins[j], values) for j in statics if j >= n_const + n_carry
@@ -346,7 +326,7 @@ def _run_scan(job: _Job, level: Level, block: Block, values: dict, sources: dict
   ys: list = [None] * length
   per_step: dict = {}
   for i in steps:
-    vals, srcs_i, dyn = {}, {}, {}
+    vals, inner, dyn = {}, {}, {}
     for j, r in enumerate(op.ins):
       br = body.in_refs[j]
       if n_const <= j < n_const + n_carry:
@@ -354,10 +334,10 @@ def _run_scan(job: _Job, level: Level, block: Block, values: dict, sources: dict
       elif j in statics:
         v = stacked.get(j, statics[j])
         vals[br] = _index(v, i) if j >= n_const + n_carry else v
-        srcs_i[br] = _Source(srcs[j].path)
+        inner[br] = srcs[j].path
       else:
         dyn[br] = [x[i] for x in env[r]] if j >= n_const + n_carry else env[r]
-    outs, new = _run_level(job, body, vals, srcs_i, dyn, top=False, layer=layer + (i,))
+    outs, new = _run_level(job, body, vals, inner, dyn, top=False, layer=layer + (i,))
     carry = outs[:n_carry]
     ys[i] = outs[n_carry:]
     for path, v in new.items():
@@ -366,14 +346,14 @@ def _run_scan(job: _Job, level: Level, block: Block, values: dict, sources: dict
   for k, r in enumerate(op.outs[n_carry:]):
     if r is not None:
       outs[r] = [jnp.stack([ys[i][k][b] for i in range(length)]) for b in range(job.n)]
-  return outs, _write_back(level, op, stacked, srcs, per_step, length)
+  return outs, _write_back(stacked, srcs, per_step, length)
 
 
 def _index(v, i):
   return jax.tree.map(lambda a: a[i], v) if _packed(v) else v[i]
 
 
-def _write_back(level: Level, op, stacked: dict, srcs: dict, per_step: dict, length: int) -> dict:
+def _write_back(stacked: dict, srcs: dict, per_step: dict, length: int) -> dict:
   """{path: new stacked leaf} from the per-layer results, undoing the views the scan saw it through."""
   out = {}
   for path, steps in per_step.items():
@@ -385,12 +365,13 @@ def _write_back(level: Level, op, stacked: dict, srcs: dict, per_step: dict, len
                        f"left others float; expected every layer quantized alike")
     value = jax.tree.map(lambda *a: jnp.stack(a), *layers) if _packed(layers[0]) else jnp.stack(layers)
     for view in reversed(srcs[j].views):
-      value = _undo(view, value, path)
+      value = _undo(view, value)
     out[path] = value
   return out
 
 
-def _undo(view, value, path):
+def _undo(view, value):
+  """The inverse of one view (a transpose or a cast) on a stacked result."""
   name = view.eqn.primitive.name
   if name == "transpose":
     perm = view.eqn.params["permutation"]

@@ -137,3 +137,15 @@ def test_which_shardings_are_solved_per_device(mesh, spec, split):
   assert_same_quantized(q, lb.gptq({"w": w}, calib, SPEC))
   if split:
     assert q["w"].codes.sharding.spec == PS(None, spec[1], None)
+
+
+def test_streamed_on_the_mesh_equals_one_device(llama):
+  """Streamed GPTQ with batches split over "data" and tensor-parallel weights: each block's cached activations
+  stay sharded, its statistics reduce over the mesh, its column-parallel weights are solved per device, and the
+  result equals the one-device streamed run."""
+  f, params, tp, batches, split = llama
+  one = lb.streamed(lb.gptq, f, params, batches, SPEC)
+  sh = lb.streamed(lb.gptq, f, tp, split, SPEC)
+  assert_same_quantized(sh, one)
+  wq = sh["layers"]["attention"]["wq"]["kernel"]
+  assert wq.codes.sharding.spec == PS(None, None, "model"), wq.codes.sharding

@@ -3,11 +3,15 @@ reference implementation, un-permutes act-order exactly, keeps static groups, an
 import importlib.util
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lowbit_jax as lb
+from lowbit_jax.algorithms import gptq_core as gptq_core_module
 from lowbit_jax.algorithms.gptq_core import gptq_core
+from lowbit_jax.algorithms.hessian import upper_cholesky_of_inverse
 from passhelpers import dequantized
 from qhelpers import quantize
 
@@ -153,3 +157,48 @@ def test_bad_input(kwargs, match):
   h = kwargs.pop("h", h)
   with pytest.raises(ValueError, match=match):
     gptq_core(w, h, spec, **kwargs)
+
+
+@pytest.mark.parametrize("k", [64, 173, 1100])
+def test_upper_cholesky_of_inverse_matches_the_references_factor(k):
+  """One flipped Cholesky and a (recursive, past 512) triangular inverse give the references' factor
+  cholesky(H^-1)ᵀ, without forming H^-1."""
+  _, _, h = _layer(k=k, n=8, tokens=4 * k, seed=9)
+  h = h + 0.01 * np.mean(np.diag(h)) * np.eye(k, dtype=np.float32)
+  ref = np.linalg.cholesky(np.linalg.inv(h.astype(np.float64))).T
+  got = np.asarray(upper_cholesky_of_inverse(jnp.asarray(h)))
+  assert np.all(np.tril(got, -1) == 0)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_act_order_off_equals_act_order_with_identity_order(group_size):
+  """The act-order-off path (no permutation, parameters looked up per segment) gives the act-order path's codes
+  when diag(H) is already decreasing (the permutation is the identity)."""
+  x, w, h = _layer(k=128, n=24, seed=10)
+  order = np.argsort(-np.diag(h), kind="stable")
+  w, h = w[order], h[order][:, order]
+  spec = lb.int_spec(4, group_size=group_size)
+  a = gptq_core(w, h, spec, blocksize=64, static_groups=True).q
+  b = gptq_core(w, h, spec, blocksize=64, act_order=True, static_groups=True).q
+  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+
+
+@pytest.mark.parametrize("group_size, act_order, static_groups", [(32, False, False), (None, False, False),
+                                                                   (32, True, True)])
+def test_superblocks_match_numpy_reference(monkeypatch, group_size, act_order, static_groups):
+  """Several superblocks of several blocks (K = 384, blocks of 64, superblocks of 128): the three-level lazy
+  updates reach the reference's weights, groups starting mid-block included."""
+  monkeypatch.setattr(gptq_core_module, "_SUPERBLOCK", 128)
+  jax.clear_caches()                          # the solver traced with the default superblock must not be reused
+  try:
+    x, w, h = _layer(k=384, n=24, seed=12)
+    spec = lb.int_spec(4, group_size=group_size)
+    res = gptq_core(w, h, spec, blocksize=64, act_order=act_order, static_groups=static_groups)
+  finally:
+    jax.clear_caches()
+  deq = np.asarray(dequantized(res.q))
+  ref = gptq_numpy.gptq_numpy(w, h, bits=4, group_size=group_size, blocksize=64, act_order=act_order,
+                              static_groups=static_groups)
+  _assert_matches(deq, ref, x, w, np.linalg.norm(x @ w - x @ deq))

@@ -177,7 +177,22 @@ class QArray:
     return s.astype(jnp.float32)
 
   def dequantize(self):
-    """The float array this QArray stands for, in its original dtype and shape (padding removed)."""
+    """The float array this QArray stands for, in its original dtype and shape (padding removed).
+
+    Example (a bfloat16 weight whose 100 inputs are padded to 4 groups of 32; the padding is dropped)::
+
+      >>> import jax, jax.numpy as jnp
+      >>> import lowbit_jax as lb
+      >>> w = jax.random.normal(jax.random.PRNGKey(1), (100, 64)).astype(jnp.bfloat16)
+      >>> q = lb.quantize(w, lb.int_spec(8, group_size=32))
+      >>> q.unpacked_codes().shape
+      (128, 64)
+      >>> w_hat = q.dequantize()
+      >>> w_hat.shape, w_hat.dtype
+      ((100, 64), dtype(bfloat16))
+      >>> bool(jnp.allclose(w_hat, w, atol=0.05))
+      True
+    """
     codes = self.unpacked_codes()                                              # (..., K_pad, ...)
     grouped = _split_axis(codes, self.axis, self.n_groups)                     # (..., G, g, ...)
     zero = None if self.zero is None else _expand(self.zero, self.axis)         # (..., G, 1, ...)
@@ -278,6 +293,19 @@ def quantize(x, spec: QuantSpec, *, path: str | None = None) -> QArray:
   Raises:
     ValueError: naming `path`, for an `x` that is not a float array, NaN/inf in `x`, a `spec` that is not a
       QuantSpec or does not fit `x`, and (outside `jit`) a result whose scales overflow to NaN/inf.
+
+  Example (int4 in groups of 32 along the contraction axis -2: 4 bits of code + one float32 scale per 32)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lowbit_jax as lb
+    >>> w = jax.random.normal(jax.random.PRNGKey(0), (64, 64))
+    >>> q = lb.quantize(w, lb.int_spec(4, group_size=32))
+    >>> q
+    QArray(shape=(64, 64), dtype=float32, format=INT, bits=4, granularity=PerGroup(size=32, axis=-2), nbytes=2560)
+    >>> q.bits_per_weight
+    5.0
+    >>> bool(jnp.max(jnp.abs(q.dequantize() - w)) < 0.1 * jnp.max(jnp.abs(w)))
+    True
   """
   if path is not None and not isinstance(path, str):
     raise ValueError(f"quantize: path must be None or a str (it labels errors), got {type(path).__name__}")

@@ -77,6 +77,28 @@ def rtn(params, calib=None, spec: QuantSpec = DEFAULT_SPEC, *, where: sel.Where 
     ValueError: naming the key path, for an empty selection, non-float leaves, a missing contraction axis,
       a non-dividing group size under `strict`, NaN/inf weights, weights the function never uses, or a result
       whose scales overflow to NaN/inf (checked with one reduction per leaf).
+
+  Example (no trace: the name rule picks the `kernel` leaves and leaves the norm's `scale` float)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lowbit_jax as lb
+    >>> k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    >>> params = {"l1": {"kernel": jax.random.normal(k1, (64, 64))}, "norm": {"scale": jnp.ones(64)},
+    ...           "l2": {"kernel": jax.random.normal(k2, (64, 64))}}
+    >>> qparams = lb.rtn(params, None, lb.int_spec(4, group_size=32))
+    >>> is_q = lambda x: isinstance(x, lb.QArray)
+    >>> jax.tree.map(is_q, qparams, is_leaf=is_q)
+    {'l1': {'kernel': True}, 'l2': {'kernel': True}, 'norm': {'scale': False}}
+    >>> w, q = params["l1"]["kernel"], qparams["l1"]["kernel"]
+    >>> bool(jnp.max(jnp.abs(q.dequantize() - w)) < 0.1 * jnp.max(jnp.abs(w)))
+    True
+
+  With a trace (`lb.analyze`, no statistics), selection is by use: whatever the function contracts::
+
+    >>> apply = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"] * p["norm"]["scale"]) @ p["l2"]["kernel"]
+    >>> qparams = lb.rtn(params, lb.analyze(apply, params, jnp.ones((8, 64))), lb.int_spec(8))
+    >>> qparams["l2"]["kernel"].spec.bits, qparams["l2"]["kernel"].spec.granularity
+    (8, PerChannel(axis=-2))
   """
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"rtn: expected a QuantSpec, got {spec!r}")

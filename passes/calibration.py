@@ -192,6 +192,24 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
     ValueError: naming the leaf or batch, when the selector matches nothing, a selected leaf is never used by the
       function, a weight is contracted in two incompatible ways, batches differ in structure/shape/dtype,
       `apply_fn` fails on `params`, or the activations feeding a weight contain NaN/inf.
+
+  Example (a 2-layer MLP in plain jnp; any Flax apply function works the same way)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lowbit_jax as lb
+    >>> k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    >>> params = {"l1": {"kernel": jax.random.normal(k1, (64, 64)) / 8},
+    ...           "l2": {"kernel": jax.random.normal(k2, (64, 64)) / 8}}
+    >>> apply = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
+    >>> batches = list(jax.random.normal(k3, (2, 16, 64)))        # two batches of 16 rows
+    >>> calib = lb.calibrate(apply, params, batches)
+    >>> calib
+    Calibration(2 weights, 2 batches, 0 notes: l1/kernel, l2/kernel)
+    >>> wc = calib["l2/kernel"]
+    >>> wc.contract_axes, wc.hessian.shape, int(wc.count)           # H = 2 XᵀX / T over the T = 32 rows feeding l2
+    ((0,), (64, 64), 32)
+    >>> bool(jnp.all(wc.absmax <= 1.0))                             # |tanh| <= 1
+    True
   """
   stats = frozenset(stats)
   if not stats or not all(isinstance(s, Stat) for s in stats):

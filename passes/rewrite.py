@@ -133,7 +133,26 @@ class QuantizedFn:
 
 
 def quantized(apply_fn: Callable, *, backend: kernels.Backend = kernels.Backend.AUTO) -> QuantizedFn:
-  """Wrap `apply_fn(params, *args, **kwargs)` so that QArray leaves of `params` run as quantized matmuls."""
+  """Wrap `apply_fn(params, *args, **kwargs)` so that QArray leaves of `params` run as quantized matmuls.
+
+  Example (the unmodified function on packed weights, equal to the function on the dequantized ones)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lowbit_jax as lb
+    >>> k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    >>> params = {"l1": {"kernel": jax.random.normal(k1, (64, 64)) / 8},
+    ...           "l2": {"kernel": jax.random.normal(k2, (64, 64)) / 8}}
+    >>> apply = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
+    >>> qparams = lb.rtn(params, None, lb.int_spec(4, group_size=32))
+    >>> x = jax.random.normal(k3, (16, 64))
+    >>> y = jax.jit(lb.quantized(apply))(qparams, x)
+    >>> y.shape, y.dtype
+    ((16, 64), dtype('float32'))
+    >>> bool(jnp.allclose(y, apply(lb.dequantize(qparams), x), atol=1e-4))
+    True
+    >>> print(str(lb.quantized(apply).report(qparams, x)).splitlines()[0])
+    2 quantized weights, 0 dequantized at run time; 5.12 kB of 5.12 kB stay packed
+  """
   if not callable(apply_fn):
     raise ValueError(f"quantized: expected a callable apply_fn(params, *args), got {apply_fn!r}")
   if not isinstance(backend, kernels.Backend):

@@ -153,6 +153,24 @@ def gptq(params, calib: Calibration, spec: QuantSpec = DEFAULT_SPEC, *, where: s
     ValueError: naming the key path, for a non-integer spec, a calibration from another model, missing or NaN
       statistics, NaN weights, unsupported bits/group combinations or a Hessian no dampening makes positive
       definite (naming the layers); a `percdamp` outside (0, 1] before anything runs; a result with NaN/inf.
+
+  Example (on the calibration inputs, GPTQ's output error is below round-to-nearest's at the same bytes)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lowbit_jax as lb
+    >>> k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    >>> params = {"l1": {"kernel": jax.random.normal(k1, (64, 64)) / 8},
+    ...           "l2": {"kernel": jax.random.normal(k2, (64, 64)) / 8}}
+    >>> apply = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
+    >>> x = jax.random.normal(k3, (64, 64))
+    >>> calib = lb.calibrate(apply, params, [x])
+    >>> spec = lb.int_spec(4, group_size=32)
+    >>> qgptq, qrtn = lb.gptq(params, calib, spec), lb.rtn(params, calib, spec)
+    >>> qgptq["l1"]["kernel"].nbytes == qrtn["l1"]["kernel"].nbytes
+    True
+    >>> err = lambda q: float(jnp.mean((apply(lb.dequantize(q), x) - apply(params, x)) ** 2))
+    >>> bool(err(qgptq) < 0.75 * err(qrtn))
+    True
   """
   common.check_calibration(calib, "gptq")
   common.check_spec(spec, "gptq", integer=True)

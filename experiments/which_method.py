@@ -274,6 +274,10 @@ def other_rows(res: Results):
                    gaps(res, STREAMED, "whole model", model, model, SPARSE.format(key)))
       row.cmp.append(("held", s("streamed", held), s("whole model", held)))
       yield row
+      g = lambda r: gaps(res, STREAMED, r, model, model, SPARSE.format(key))
+      yield versus("asymmetric", "lb.streamed(..., objective=lb.Objective.ASYMMETRIC)", model,
+                   f"twice the cached activations, calibrate + quantize {s('streamed, asymmetric', t).text} s",
+                   g("streamed, asymmetric"), "streamed with the reference's objective", g("streamed"))
 
 
 def other_table(rows: list[OtherRow]) -> list[str]:
@@ -349,6 +353,8 @@ def bullets(ptq: list[PtqRow], other: list[OtherRow]) -> list[str]:
        "prefer int8"),
       ("streamed", "Streamed GPTQ", "whole-model GPTQ", "prefer it whenever the model is large",
        "use it only when the statistics do not fit"),
+      ("asymmetric", "The asymmetric objective (GPTAQ)", "the reference's objective, both streamed",
+       "prefer it when the calibration data is from the domain the model serves", "keep the reference's objective"),
       ("train", "QAT-4 and QLoRA", "RTN-4 PTQ and the NF4 base (stories260K)", "a training budget buys quality",
        "training did not pay here")):
     rows = kinds(kind)

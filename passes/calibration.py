@@ -1,4 +1,4 @@
-"""Public API of the passes: `calibrate` (-> `Calibration`) and `analyze` (-> the weight-consuming dots).
+"""`calibrate` (-> `Calibration`): activation statistics of every selected weight (which: `passes/analysis.py`).
 
     calib = lowbit_jax.calibrate(lambda p, x: model.apply({'params': p}, x), params, batches)
     calib['layers/attention/wq/kernel'].hessian      # (n_layers, K, K) for a scanned stack, (K, K) otherwise
@@ -16,7 +16,7 @@ stacked statistics have one leading axis per `stacked_axes` entry of the leaf (o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from lowbit_jax import select as sel
 from lowbit_jax.checks import as_float, third_party_errors
-from lowbit_jax.passes import capture, trace
+from lowbit_jax.passes import capture
 from lowbit_jax.passes.capture import ALL_STATS, Stat, Stats
+from lowbit_jax.passes.analysis import Analysis, analyze
 from lowbit_jax.passes.interpreter import Ctx
 from lowbit_jax.layout import WeightLayout
 from lowbit_jax.passes.origin import DotSite, Note, SiteKind
-from lowbit_jax.passes.uses import WeightUse, weight_uses
-from lowbit_jax.passes.values import WeightHandler, is_array
-from lowbit_jax.qarray import QArray
+from lowbit_jax.passes.uses import WeightUse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +105,7 @@ class Calibration:
   batches: tuple = dataclasses.field(repr=False)
   options: CalibrationOptions = dataclasses.field(repr=False)
   uses: dict = dataclasses.field(repr=False, default_factory=dict)
+  reference: tuple | None = dataclasses.field(repr=False, default=None)
 
   def __repr__(self):
     names = [sel.path_str(p) for p in self.weights]
@@ -146,7 +146,7 @@ class Calibration:
     """Statistics of `params` (e.g. with earlier layers already quantized) on the stored batches."""
     o = self.options
     return calibrate(self.apply_fn, params, self.batches, stats=o.stats, where=o.where,
-                     outlier_threshold=o.outlier_threshold)
+                     outlier_threshold=o.outlier_threshold, reference=self.reference)
 
 
 def _structure(batch):
@@ -155,23 +155,33 @@ def _structure(batch):
                 for path, x in flat]
 
 
-def _check_batch(i: int, batch, ref) -> None:
+def _check_batch(i: int, batch, ref, what: str = "batch") -> None:
   tree, leaves = _structure(batch)
   for path, shape, _ in leaves:
     if 0 in shape:
-      raise ValueError(f"calibrate: batches[{i}]{jax.tree_util.keystr(path)} has shape {shape} (no rows); "
+      where = f"batches[{i}]" if what == "batch" else f"{what} {i}"
+      raise ValueError(f"calibrate: {where}{jax.tree_util.keystr(path)} has shape {shape} (no rows); "
                        f"expected non-empty batches")
   if tree != ref[0]:
-    raise ValueError(f"calibrate: batch {i} has structure {tree}; expected the structure of batch 0: {ref[0]}")
+    raise ValueError(f"calibrate: {what} {i} has structure {tree}; expected the structure of batch 0: {ref[0]}")
   for (path, shape, dtype), (_, rshape, rdtype) in zip(leaves, ref[1]):
     if shape != rshape or dtype != rdtype:
-      raise ValueError(f"calibrate: batch{jax.tree_util.keystr(path)} of batch {i} has shape {shape} and dtype "
+      raise ValueError(f"calibrate: batch{jax.tree_util.keystr(path)} of {what} {i} has shape {shape} and dtype "
                        f"{dtype}; expected shape {rshape} and dtype {rdtype} like batch 0 (all batches must "
                        f"share one shape so the traced function is reused)")
 
 
+def check_options(stats, outlier_threshold, op: str) -> tuple[frozenset, float]:
+  """`stats` as a non-empty frozenset of `Stat`s and `outlier_threshold` as a float >= 0, or a ValueError."""
+  stats = frozenset(stats) if isinstance(stats, Iterable) and not isinstance(stats, (str, bytes)) else stats
+  if not isinstance(stats, frozenset) or not stats or not all(isinstance(s, Stat) for s in stats):
+    raise ValueError(f"{op}: stats must be a non-empty collection of lowbit_jax.passes.Stat, got {stats!r}")
+  return stats, as_float(outlier_threshold, f"{op}: outlier_threshold", low=0.0)
+
+
 def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collection[Stat] = ALL_STATS,
-              where: sel.Where = None, outlier_threshold: float = 6.0) -> Calibration:
+              where: sel.Where = None, outlier_threshold: float = 6.0, reference: Iterable | None = None
+              ) -> Calibration:
   """Collect activation statistics for every selected weight, streaming over `batches`.
 
   Args:
@@ -184,6 +194,12 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
       against an activation (`dot_general` / einsum / `ragged_dot` / conv), whatever its name or layout;
       embedding tables (looked up, tied to a head or not) are left out: select them explicitly to quantize them.
     outlier_threshold: |x| above which an entry counts as an LLM.int8 outlier.
+    reference: optional reference batches, one per batch and shaped like it (e.g. the same tokens' activations in
+      the float model, where `batches` are those of the quantized one): each weight's `stats.xtd` is then
+      Σ xᵀ(x_ref − x) over the rows of both runs, position by position (asymmetric calibration, as in
+      `lowbit_jax.streamed(..., objective=Objective.ASYMMETRIC)`); every other statistic is of `batches`. Rows
+      are paired by position, so both runs must route tokens alike: a weight fed by a `ragged_dot` (rows sorted
+      by the data) is refused, and a model that dispatches tokens by the data into slots pairs different tokens.
 
   Weights used without traceable statistics (convolutions, lookup tables, dots whose batch axes are not leaf
   axes) get an entry with `stats=None` and a note; algorithms quantize those round-to-nearest and say so.
@@ -211,12 +227,9 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
     >>> bool(jnp.all(wc.absmax <= 1.0))                             # |tanh| <= 1
     True
   """
-  stats = frozenset(stats)
-  if not stats or not all(isinstance(s, Stat) for s in stats):
-    raise ValueError(f"calibrate: stats must be a non-empty collection of lowbit_jax.passes.Stat, got {stats!r}")
+  stats, outlier_threshold = check_options(stats, outlier_threshold, "calibrate")
   if not callable(apply_fn):
     raise ValueError(f"calibrate: apply_fn must be a callable apply_fn(params, batch), got {apply_fn!r}")
-  outlier_threshold = as_float(outlier_threshold, "calibrate: outlier_threshold", low=0.0)
   if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
     raise ValueError(f"calibrate: batches must be an iterable of batches (e.g. a list of arrays), got "
                      f"{type(batches).__name__}")
@@ -232,40 +245,74 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, *, stats: Collectio
                             f"expected params and batches that match the function"):
       return apply_fn(p, batch)
 
-  found = analyze(guarded, params, batches[0], where=where)
+  if reference is not None:
+    reference = tuple(reference) if isinstance(reference, Iterable) and not isinstance(reference, (str, bytes)) else ()
+    if len(reference) != len(batches):
+      raise ValueError(f"calibrate: reference must hold one batch per batch ({len(batches)}), got "
+                       f"{len(reference)}")
+  return run(plan(guarded, params, batches[0], stats=stats, where=where, outlier_threshold=outlier_threshold,
+                  apply_fn=apply_fn), params, batches, reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The traced half of `calibrate` for one function and one structure (shapes, dtypes) of params and batches:
+  the weight-use analysis and the jitted per-batch step. It calibrates any params and batches of that structure
+  (`run`); `streamed` keeps one per block and reuses it across the layers of a scan."""
+  apply_fn: Callable            # as the user gave it (recorded in the Calibration)
+  found: Analysis
+  chosen: dict                  # key path -> leaf (for its shape): the weights calibrated
+  step: Callable                # jitted (params, batch, reference batch or None) -> {emit key: Stats}
+  traced: dict                  # "ctx": the trace's sites and notes, filled when `step` traces
+  batch: tuple                  # `_structure` of a batch
+  options: CalibrationOptions
+
+
+def plan(fn: Callable, params, batch, *, stats: frozenset, where: sel.Where, outlier_threshold: float,
+         apply_fn: Callable | None = None) -> Plan:
+  """Analyze `fn(params, batch)` and build its jitted calibration step (nothing runs until `run`)."""
+  found = analyze(fn, params, batch, where=where)
   chosen = {p: leaf for p, leaf in found.candidates.items() if p in found.selected}
   for p in chosen:
     found.uses[p].check()
   tagged = frozenset(chosen)
   traced: dict[str, Ctx] = {}
 
-  def step(p, batch):
-    _, emitted, ctx = capture.collect(guarded, p, batch, tagged=tagged, stats=stats,
-                                      outlier_threshold=outlier_threshold)
+  def step(p, b, ref):
+    _, emitted, ctx = capture.collect(fn, p, b, tagged=tagged, stats=stats, outlier_threshold=outlier_threshold,
+                                      reference=ref)
     traced["ctx"] = ctx
     return emitted
 
-  step = jax.jit(step)
-  merge = jax.jit(capture.merge)
+  options = CalibrationOptions(stats=stats, where=where, outlier_threshold=float(outlier_threshold))
+  return Plan(apply_fn or fn, found, chosen, jax.jit(step), traced, _structure(batch), options)
+
+
+_merge = jax.jit(capture.merge)
+
+
+def run(plan: Plan, params, batches: tuple, reference: tuple | None = None) -> Calibration:
+  """Calibrate `params` on `batches` (and their `reference` batches) with a `Plan` of their structure."""
   total = None
   for i, batch in enumerate(tqdm(batches, desc="calibrate", leave=False, disable=len(batches) < 8)):
-    _check_batch(i, batch, ref)
-    emitted = step(params, batch)
+    _check_batch(i, batch, plan.batch)
+    if reference is not None:
+      _check_batch(i, reference[i], plan.batch, "reference batch")
+    emitted = plan.step(params, batch, None if reference is None else reference[i])
     counts = jax.device_get({k: s.nonfinite for k, s in emitted.items()})
     bad = {k[0]: np.asarray(v) for k, v in counts.items() if np.any(np.asarray(v) > 0)}
     if bad:
-      first = next((s.where for s in traced["ctx"].sites if s.where in bad), next(iter(bad)))
+      first = next((s.where for s in plan.traced["ctx"].sites if s.where in bad), next(iter(bad)))
       n = bad[first]
       layers = f" (per-layer counts {n.tolist()})" if n.ndim else ""
       raise ValueError(f"{first}: the activations feeding this weight contain {int(n.sum())} NaN/inf value(s) in "
                        f"batch {i}{layers}; expected finite activations (check the batch and the float "
                        f"parameters upstream)")
-    total = emitted if total is None else merge(total, emitted)
-  ctx = traced["ctx"]
-  weights = _assemble(chosen, total or {}, ctx, found.uses)
-  options = CalibrationOptions(stats=stats, where=where, outlier_threshold=float(outlier_threshold))
-  return Calibration(weights=weights, notes=tuple(ctx.notes), n_batches=len(batches), apply_fn=apply_fn,
-                     batches=batches, options=options, uses=found.uses)
+    total = emitted if total is None else _merge(total, emitted)
+  ctx = plan.traced["ctx"]
+  weights = _assemble(plan.chosen, total or {}, ctx, plan.found.uses)
+  return Calibration(weights=weights, notes=tuple(ctx.notes), n_batches=len(batches), apply_fn=plan.apply_fn,
+                     batches=batches, options=plan.options, uses=plan.found.uses, reference=reference)
 
 
 def _assemble(chosen: dict, total: dict, ctx: Ctx, uses: dict) -> dict:
@@ -309,81 +356,3 @@ def _stack_indexed(entries, leaf) -> Stats:
   for _, st in entries[1:]:
     out = c.merge(out, st)
   return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Analysis:
-  """What one abstract trace of a function says about its weights.
-
-  `sites`: every consumer (dot, ragged dot, conv, lookup) of a candidate float leaf or a QArray leaf, in leaf
-  coordinates; `notes`: where candidates left the view chain; `uses`: {key path: WeightUse}; `candidates`:
-  {key path: leaf} traced; `selected`: the key paths `where` picks (default: by use, see `calibrate`).
-  """
-  sites: tuple[DotSite, ...]
-  notes: tuple[Note, ...]
-  uses: dict = dataclasses.field(default_factory=dict, repr=False)
-  candidates: dict = dataclasses.field(default_factory=dict, repr=False)
-  selected: tuple = ()
-
-  def by_path(self) -> dict[str, list[DotSite]]:
-    out: dict[str, list[DotSite]] = {}
-    for s in self.sites:
-      out.setdefault(s.where, []).append(s)
-    return out
-
-
-def _candidates(params, where: sel.Where) -> dict:
-  """Leaves to trace: every float leaf of >= 2 dims (selection by use), or what `where` selects."""
-  if where is not None:
-    return sel.select(params, where)
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))[0]
-  return {p: l for p, l in flat if not isinstance(l, QArray) and hasattr(l, "shape") and hasattr(l, "dtype")
-          and len(np.shape(l)) >= 2 and jnp.issubdtype(l.dtype, jnp.floating)}
-
-
-def analyze(apply_fn: Callable, params, *args, where: sel.Where = None, **kwargs) -> Analysis:
-  """Weight-use analysis of `apply_fn(params, *args, **kwargs)`, abstractly (nothing is computed): every
-  consumer of a candidate float leaf or a QArray leaf, in leaf coordinates, the `WeightUse` of each leaf and
-  the default selection.
-
-  Raises:
-    ValueError: `where` selects nothing, or a leaf `where` selects explicitly is never used by the function
-      (naming it and what consumed it instead). A weight contracted in two incompatible ways is reported when
-      it is calibrated or quantized (`WeightUse.conflict`).
-  """
-  cand = _candidates(params, where)
-  has_q = any(isinstance(l, QArray) for l in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray)))
-  if not cand and not has_q:
-    raise ValueError("empty selection: params has no floating leaf of >= 2 dims to quantize")
-  box: dict[str, Any] = {}
-  leaves, tree = jax.tree.flatten((params, args, kwargs), is_leaf=lambda x: isinstance(x, QArray))
-  dynamic = [isinstance(x, QArray) or is_array(x) for x in leaves]
-
-  def run(*dyn):
-    it = iter(dyn)
-    p, a, kw = jax.tree.unflatten(tree, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-    out, ctx = trace.evaluate(apply_fn, p, a, kw, WeightHandler(warn=False), tagged=frozenset(cand))
-    box["ctx"] = ctx
-    return out
-
-  jax.eval_shape(run, *[x for x, d in zip(leaves, dynamic) if d])
-  ctx = box["ctx"]
-  uses = weight_uses(ctx.sites, cand)
-  if where is None:
-    selected = tuple(p for p in cand if p in uses and uses[p].contracted and not uses[p].embedding)
-    if not selected and not has_q:
-      raise ValueError(f"empty selection: no float leaf of params is contracted against an activation by the "
-                       f"function (traced {len(cand)} candidate leaves); select weights with `where`")
-  else:
-    missing = [p for p in cand if p not in uses]
-    if missing:
-      lines = []
-      for p in missing:
-        w = sel.path_repr(p)
-        why = [f"{n.primitive}: {n.reason}" for n in ctx.notes if n.where == w] or ["it is never used"]
-        lines.append(f"{w} (shape {tuple(np.shape(cand[p]))}): {'; '.join(dict.fromkeys(why))}")
-      raise ValueError("selected weight(s) feed no dot_general, ragged_dot, conv or lookup, so they cannot be "
-                       "calibrated (narrow `where`, or check that params match the function):\n  "
-                       + "\n  ".join(lines))
-    selected = tuple(cand)
-  return Analysis(sites=tuple(ctx.sites), notes=tuple(ctx.notes), uses=uses, candidates=cand, selected=selected)

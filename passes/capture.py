@@ -9,6 +9,10 @@ leaf's coordinates (contraction axes ascending, row-major) and these sums are ke
   abs_sum   (K,)    Σ_t |X[t, k]|            -> `abs_mean` (AWQ's mean |x|)
   outliers  (K,)    #{t : |X[t, k]| > threshold}  (LLM.int8 outlier columns; threshold 6.0 as in the paper)
   nonfinite ()      NaN/inf entries seen (checked by `calibrate`, which names the leaf)
+  xtd       (K, K)  Xᵀ(X_ref − X), only against reference inputs: the function runs on a batch and on its reference
+                    batch side by side (`collect(..., reference=...)`: `vmap` over the pair, whose collector
+                    gathers both activations of a dot, so row t of X_ref is the same position as row t of X);
+                    every other statistic is of X. Asymmetric calibration's cross term (GPTAQ).
 
 Every statistic is a sum, a count or a max, so it streams over batches (`merge`), stacks per layer inside a
 `scan` (a leading axis per enclosing scan over the leaf), and reduces across data-parallel shards (`psum`).
@@ -49,6 +53,7 @@ class Stats:
   absmax: Any = None
   abs_sum: Any = None
   outliers: Any = None
+  xtd: Any = None       # Σ xᵀ(x_ref − x): against reference inputs (`calibrate(..., reference=...)`)
 
   @property
   def hessian(self):
@@ -73,24 +78,38 @@ class Collector:
   """Computes and combines `Stats` (the `values.Collector` protocol)."""
   stats_wanted: frozenset = ALL_STATS
   outlier_threshold: float = 6.0
+  pair_axis: str | None = None     # set: running under `vmap` over (inputs, reference), see `collect`
 
   def stats(self, x) -> Stats:
     """x: (T, K) float32 rows."""
+    x, ref = self._pair(x)
     ax = jnp.abs(x)
     want = self.stats_wanted
     return Stats(
         count=jnp.asarray(x.shape[0], jnp.int32),
-        nonfinite=jnp.sum(~jnp.isfinite(x), dtype=jnp.int32),
+        nonfinite=jnp.sum(~jnp.isfinite(x if ref is None else jnp.stack([x, ref])), dtype=jnp.int32),
         xtx=(jnp.einsum("tk,tl->kl", x, x, precision=lax.Precision.HIGHEST,
                         preferred_element_type=jnp.float32) if Stat.HESSIAN in want else None),
         absmax=jnp.max(ax, axis=0) if Stat.ABSMAX in want else None,
         abs_sum=jnp.sum(ax, axis=0) if Stat.ABS_MEAN in want else None,
         outliers=(jnp.sum(ax > self.outlier_threshold, axis=0, dtype=jnp.int32)
-                  if Stat.OUTLIERS in want else None))
+                  if Stat.OUTLIERS in want else None),
+        xtd=None if ref is None else jnp.einsum("tk,tl->kl", x, ref - x, precision=lax.Precision.HIGHEST,
+                                                 preferred_element_type=jnp.float32))
+
+  def _pair(self, x):
+    """(x, None), or under the pair `vmap` (the inputs' x, the reference's x) gathered across it."""
+    if self.pair_axis is None:
+      return x, None
+    both = lax.all_gather(x, self.pair_axis)        # (2, T, K): the same op on the batch and on its reference
+    return both[0], both[1]
 
   def segmented(self, x, segment, n: int) -> Stats:
     """Stats per segment: x (T, K) rows, `segment` (T,) ids in [0, n) (rows with other ids are dropped); a
-    leading axis of length n (gathered experts, `ragged_dot` groups)."""
+    leading axis of length n (gathered experts, `ragged_dot` groups). Against a reference, rows are assigned by
+    the inputs' segments (rows are tokens here: gathered experts; ragged rows are refused by the handler)."""
+    if self.pair_axis is not None:
+      segment = lax.all_gather(segment, self.pair_axis)[0]
     def one(e):
       mask = segment == e
       st = self.stats(jnp.where(mask[:, None], x, 0.0))
@@ -134,14 +153,32 @@ def merge(a: dict, b: dict) -> dict:
   return out
 
 
-def collect(apply_fn: Callable, params, *args, tagged: Collection, stats: Collection[Stat] = ALL_STATS,
-            outlier_threshold: float = 6.0, axis_name=None, **kwargs) -> tuple[Any, dict, Ctx]:
-  """Run `apply_fn(params, *args, **kwargs)` once, collecting `Stats` for the weights whose key paths are in
-  `tagged`. Returns (outputs, {emit key: Stats}, ctx with the dot sites and notes). Jit-able (the key paths are
-  static); inside `pmap` / `shard_map`, `axis_name` sums the statistics over data-parallel shards."""
-  handler = WeightHandler(collector=Collector(frozenset(stats), float(outlier_threshold)))
-  out, ctx = trace.evaluate(apply_fn, params, args, kwargs, handler, tagged=frozenset(tagged))
-  emitted = ctx.emitted
-  if axis_name is not None:
-    emitted = {k: handler.psum(v, axis_name) for k, v in emitted.items()}
-  return out, emitted, ctx
+_PAIR = "lowbit_jax_reference_pair"
+
+
+def collect(apply_fn: Callable, params, batch, *, tagged: Collection, stats: Collection[Stat] = ALL_STATS,
+            outlier_threshold: float = 6.0, axis_name=None, reference=None) -> tuple[Any, dict, Ctx]:
+  """Run `apply_fn(params, batch)` once, collecting `Stats` for the weights whose key paths are in `tagged`.
+  Returns (outputs, {emit key: Stats}, ctx with the dot sites and notes). Jit-able (the key paths are static);
+  inside `pmap` / `shard_map`, `axis_name` sums the statistics over data-parallel shards. With a `reference` batch
+  (the structure of `batch`), the function runs on both under one `vmap` and `Stats.xtd` is filled; the outputs
+  and every other statistic are those of `batch`."""
+  def run(b, pair_axis=None):
+    handler = WeightHandler(collector=Collector(frozenset(stats), float(outlier_threshold), pair_axis))
+    out, ctx = trace.evaluate(apply_fn, params, (b,), {}, handler, tagged=frozenset(tagged))
+    emitted = ctx.emitted
+    if axis_name is not None:
+      emitted = {k: handler.psum(v, axis_name) for k, v in emitted.items()}
+    return out, emitted, ctx
+
+  if reference is None:
+    return run(batch)
+  ctxs = []
+
+  def one(b):
+    out, emitted, ctx = run(b, _PAIR)
+    ctxs.append(ctx)
+    return out, emitted
+  pair = jax.tree.map(lambda a, r: jnp.stack([a, r]), batch, reference)
+  out, emitted = jax.vmap(one, axis_name=_PAIR)(pair)
+  return jax.tree.map(lambda a: a[0], (out, emitted)) + (ctxs[0],)

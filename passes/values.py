@@ -246,6 +246,10 @@ class WeightHandler(Handler):
     g = dn.rhs_group_dimensions[0]
     self._record_sites(w, x, (rc[0],), (g,), 1, eqn.invars[0], ctx, orig.SiteKind.RAGGED_DOT)
     if isinstance(w, Tagged):
+      if getattr(self.collector, "pair_axis", None) is not None:
+        raise ValueError(f"{w.origin.where}: a ragged_dot feeds this weight rows sorted by the data (experts), so "
+                         f"its rows cannot be paired with those of reference inputs position by position; expected "
+                         f"a calibration without reference inputs for expert layers")
       if self.collector is not None:
         gid = qdot.group_ids(sizes, x.shape[0])
         self._emit(w, x, (lc[0],), (), gid, (g,), ctx, w_dims=(rc[0],))

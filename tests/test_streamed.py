@@ -98,16 +98,20 @@ def _key(params, name):
 
 
 def test_statistics_memory_is_one_block():
-  """Every calibration the method receives covers one group's weights only (peak statistics: one block's)."""
+  """Every calibration the method receives covers one group's weights only (peak statistics: one block's), and
+  the layers of a scan reuse each group's traced calibration."""
   f, params, batches = _llama(True)
-  seen = []
+  seen, calibs = [], []
 
   def method(p, calib, spec):
     seen.append(sorted(path_str(k).split("/")[-2] for k in calib))
+    calibs.append(calib)
     return lb.gptq(p, calib, spec)
 
   q = lb.streamed(method, f, params, batches, SPEC)
   assert len(seen) == 4 * CFG.n_layers + 1
+  fns = [c.apply_fn for c in calibs]       # the layers of the scan share each group's traced calibration step
+  assert len({id(fn) for fn in fns[:4 * CFG.n_layers]}) == 4 and fns[0] is fns[4] is fns[8]
   assert max(len(s) for s in seen) == 3 and seen[:4] == [["wk", "wq", "wv"], ["wo"], ["w1", "w3"], ["w2"]]
   assert all(isinstance(q_, lb.QArray) for p, q_ in _flat(q).items() if path_str(p).endswith("kernel"))
 

@@ -65,6 +65,11 @@ def upper_cholesky_of_inverse(H):
   return _flipped_lower_inverse(M)
 
 
+def damped(H, frac):
+  """H + frac * mean(diag(H)) * I, as a select on the diagonal (no identity matrix, no scatter)."""
+  return jnp.where(_on_diag(H.shape[0]), H + frac * jnp.mean(jnp.diagonal(H)), H)
+
+
 def damped_inverse(H, fracs):
   """Hinv of H + frac * mean(diag(H)) * I for the first frac of `fracs` (percdamp, x10, x100, ...) that makes it
   positive definite: the first level directly, the retries as a `lax.while_loop` that runs no step when the first
@@ -73,11 +78,8 @@ def damped_inverse(H, fracs):
 
   The dampening is a select on the diagonal (no identity matrix, no scatter); success is a finite diagonal of
   Hinv: a failed Cholesky is all NaN, and a successful one of a finite H has a finite inverse."""
-  mean_diag = jnp.mean(jnp.diagonal(H))
-  on_diag = _on_diag(H.shape[0])
-
   def attempt(i):
-    Hinv = upper_cholesky_of_inverse(jnp.where(on_diag, H + fracs[i] * mean_diag, H))
+    Hinv = upper_cholesky_of_inverse(damped(H, fracs[i]))
     return i + 1, Hinv, jnp.all(jnp.isfinite(jnp.diagonal(Hinv)))
 
   def cond(c):

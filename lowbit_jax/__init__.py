@@ -11,7 +11,8 @@ from lowbit_jax.memory import MemoryReport, memory_report
 from lowbit_jax.qarray import QArray, dequantize, qarray_sharding, quantize
 from lowbit_jax.rtn import rtn
 from lowbit_jax.spec import (DEFAULT_SYM_GRID, ActQuant, ClipSearch, Format, PerChannel, PerGroup, PerTensor,
-                             QuantSpec, SymGrid, ZeroPoint, fp8_spec, int_spec, nf4_spec, q4_1_spec, ternary_spec)
+                             QuantSpec, SymGrid, ZeroPoint, fp8_spec, int_spec, nf4_spec, q4_0_spec, q4_1_spec, q8_0_spec,
+                             ternary_spec)
 from lowbit_jax.passes import Calibration, Objective, Stat, analyze, calibrate, quantized, streamed  # noqa: E402  (after the core)
 from lowbit_jax.algorithms.awq import awq  # noqa: E402
 from lowbit_jax.algorithms.gptq import gptq  # noqa: E402
@@ -33,7 +34,7 @@ from lowbit_jax.fp8_training import Fp8Fn, Fp8Meta, Fp8Options, fp8_training, fp
 
 __all__ = [
     "Format", "PerChannel", "PerGroup", "PerTensor", "QuantSpec", "int_spec", "nf4_spec", "fp8_spec",
-    "ternary_spec", "q4_1_spec", "SymGrid", "ZeroPoint", "ClipSearch", "DEFAULT_SYM_GRID", "QArray", "quantize",
+    "ternary_spec", "q4_0_spec", "q4_1_spec", "q8_0_spec", "SymGrid", "ZeroPoint", "ClipSearch", "DEFAULT_SYM_GRID", "QArray", "quantize",
     "dequantize", "qarray_sharding", "rtn", "memory_report", "MemoryReport",
     "calibrate", "Calibration", "Stat", "analyze", "quantized", "streamed", "Objective", "gptq", "awq",
     "smoothquant", "llm_int8", "outlier_report", "OutlierReport", "ActQuant", "llm_int8_spec", "W8A8_SPEC",

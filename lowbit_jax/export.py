@@ -5,8 +5,8 @@
     python -m lowbit_jax.export --model path/to/model.gguf --method awq --type Q4_1 --out model.Q4_1.gguf
 
 The model is loaded (`load_gguf`; quantized tensors of the input file are taken as their float values), quantized
-with the spec whose QArrays are exactly the blocks of the chosen type (`SPECS`: Q4_0 int4 g32 SIGNED_MAX float16,
-Q4_1 `q4_1_spec()`, Q8_0 int8 g32 RESTRICTED float16) and written with `export_gguf`, which stores those codes and
+with the spec whose QArrays are exactly the blocks of the chosen type (`SPECS`: `q4_0_spec()`, `q4_1_spec()`,
+`q8_0_spec()`) and written with `export_gguf`, which stores those codes and
 scales as they are. RTN to a type without such a spec (F32 / F16 / BF16 / Q6_K / TQ1_0 / TQ2_0) leaves the
 weights float and lets `export_gguf` convert or quantize them (llama.cpp's own reference quantizers); GPTQ and AWQ
 need a spec and refuse those types.
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lowbit_jax as lb
@@ -38,7 +37,7 @@ from lowbit_jax.io.gguf_types import ExportType
 from lowbit_jax.eval import Segmentation, sample_windows, token_stream
 from lowbit_jax.io.loaded import LoadedModel
 from lowbit_jax.models.llama import Llama, stack_layers
-from lowbit_jax.spec import QuantSpec, SymGrid
+from lowbit_jax.spec import QuantSpec
 
 
 class Method(enum.Enum):
@@ -69,9 +68,9 @@ _DEFAULT_CALIB = ("wikitext2_raw/wiki.valid.raw", Segmentation.ONE_DOCUMENT)  # 
 
 # The spec whose QArrays are exactly the ggml blocks of each type (ggml_blocks.from_qarray maps them).
 SPECS: dict[ExportType, QuantSpec] = {
-    ExportType.Q4_0: lb.int_spec(4, group_size=32, scale_dtype=jnp.float16, grid=SymGrid.SIGNED_MAX),
+    ExportType.Q4_0: lb.q4_0_spec(),
     ExportType.Q4_1: lb.q4_1_spec(),
-    ExportType.Q8_0: lb.int_spec(8, group_size=32, scale_dtype=jnp.float16, grid=SymGrid.RESTRICTED),
+    ExportType.Q8_0: lb.q8_0_spec(),
 }
 
 

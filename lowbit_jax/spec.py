@@ -310,6 +310,18 @@ def int_spec(bits: int, *, group_size: int | None = None, symmetric: bool = True
                    scale_dtype=scale_dtype, strict=strict, grid=grid, zero_point=zero_point, clip=clip)
 
 
+def q4_0_spec(*, axis: int = -2) -> QuantSpec:
+  """llama.cpp's Q4_0 block: 4-bit codes in groups of 32 with one fp16 scale, x = d * (q - 8), the scale set so
+  that the group's largest-magnitude value lands on -8 (grid SIGNED_MAX); 4.5 bits per weight."""
+  return int_spec(4, group_size=32, axis=axis, scale_dtype=jnp.float16, grid=SymGrid.SIGNED_MAX)
+
+
+def q8_0_spec(*, axis: int = -2) -> QuantSpec:
+  """llama.cpp's Q8_0 block: int8 codes in groups of 32 with one fp16 scale absmax / 127 (grid RESTRICTED);
+  8.5 bits per weight."""
+  return int_spec(8, group_size=32, axis=axis, scale_dtype=jnp.float16, grid=SymGrid.RESTRICTED)
+
+
 def q4_1_spec(*, group_size: int = 32, axis: int = -2) -> QuantSpec:
   """llama.cpp's Q4_1 layout: 4-bit codes, groups of 32, fp16 scale d and fp16 offset m, x ≈ d*q + m
   (5.0 bits per weight at g32)."""

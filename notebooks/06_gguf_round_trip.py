@@ -5,10 +5,10 @@
 # as GGUF v3, and when a `QArray`'s format *is* a ggml block type it writes the QArray's own codes and scales: so
 # what GPTQ chose is what llama.cpp runs, not a requantization of it. The block types and their specs:
 #
-# | ggml type | block (bytes) | lowbit_jax spec: `lb.int_spec(bits, group_size=32, scale_dtype=jnp.float16, grid=...)` |
+# | ggml type | block (bytes) | lowbit_jax spec (`lb.int_spec(bits, group_size=32, scale_dtype=jnp.float16, grid=...)`) |
 # | --- | --- | --- |
-# | Q4_0 | 32 4-bit codes + a float16 scale (18) | `bits=4, grid=lb.SymGrid.SIGNED_MAX` (-8 * scale = the signed max) |
-# | Q8_0 | 32 int8 codes + a float16 scale (34) | `bits=8, grid=lb.SymGrid.RESTRICTED` (127 * scale = the absmax) |
+# | Q4_0 | 32 4-bit codes + a float16 scale (18) | `lb.q4_0_spec()`: bits 4, `lb.SymGrid.SIGNED_MAX` (-8 * scale = the signed max) |
+# | Q8_0 | 32 int8 codes + a float16 scale (34) | `lb.q8_0_spec()`: bits 8, `lb.SymGrid.RESTRICTED` (127 * scale = the absmax) |
 #
 # `load_gguf` reads Q4_0 / Q8_0 tensors back as packed QArrays holding the file's bytes, so the re-imported model
 # runs packed too. Here: stories260K, GPTQ to Q4_0 and RTN to Q8_0, each exported, re-imported and compared with
@@ -40,8 +40,7 @@ val = ev.token_stream(asset_path("tinystories/tinystories_val_part1.txt").read_t
 tokens = jnp.asarray(val[:4 * 256].reshape(4, 256))
 calib = lb.calibrate(apply, m.params, ev.sample_windows(train, n=8, length=256, batch=4, seed=0))
 
-Q4_0 = lb.int_spec(4, group_size=32, scale_dtype=jnp.float16, grid=lb.SymGrid.SIGNED_MAX)
-Q8_0 = lb.int_spec(8, group_size=32, scale_dtype=jnp.float16, grid=lb.SymGrid.RESTRICTED)
+Q4_0, Q8_0 = lb.q4_0_spec(), lb.q8_0_spec()
 ours = {"Q4_0": lb.gptq(m.params, calib, Q4_0), "Q8_0": lb.rtn(m.params, calib, Q8_0)}
 for kind, tree in ours.items():
   print(kind, tree["layers_0"]["attention"]["wq"]["kernel"])      # 64 x 64: 128 blocks of 32

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,11 @@ def test_invalid_clip_search(kwargs, match):
 def test_clip_ratios_follow_the_reference_grid():
   r = lb.ClipSearch().ratios     # quant.py: p = 1 - i / grid for i in range(int(maxshrink * grid))
   assert r[0] == 1 and len(r) == 80 and np.isclose(r[-1], 0.21)
+
+
+def test_ggml_presets_store_the_ggml_block_bytes():
+  """q4_0_spec / q4_1_spec / q8_0_spec store what llama.cpp's blocks of 32 do: 18, 20 and 34 bytes."""
+  w = jax.random.normal(jax.random.key(0), (64, 16))
+  for spec, block in ((lb.q4_0_spec(), 18), (lb.q4_1_spec(), 20), (lb.q8_0_spec(), 34)):
+    assert lb.quantize(w, spec).nbytes == (64 * 16 // 32) * block, spec
+  assert lb.q4_0_spec().grid is lb.SymGrid.SIGNED_MAX and lb.q8_0_spec().grid is lb.SymGrid.RESTRICTED

@@ -26,8 +26,8 @@ times an f16 scale, at most 19 significant bits) is exact in float32, so the QAr
 bits op by op or compiled, where XLA may fuse Q4_1's ``d * q + m`` into one fused multiply-add. The grid of a
 symmetric spec only decides how codes are chosen, not how they decode: any grid maps.
 
-    Q8_0   int8, groups of 32, float16 scales, symmetric (code = q + 128; grid RESTRICTED, llama.cpp's absmax / 127)
-    Q4_0   int4, groups of 32, float16 scales, symmetric (code = q; grid SIGNED_MAX, Q4_0's max / -8)
+    Q8_0   `q8_0_spec()`: int8, groups of 32, float16 scales, symmetric (code = q + 128; grid RESTRICTED)
+    Q4_0   `q4_0_spec()`: int4, groups of 32, float16 scales, symmetric (code = q; grid SIGNED_MAX)
     Q4_1   `q4_1_spec()`: int4, groups of 32, float16 scale d and float16 offset m (ZeroPoint.FLOAT)
     TQ2_0  ternary, groups of 256, float16 scales (code = q)
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from lowbit_jax import qarray as qa
 from lowbit_jax.io import ggml_kquants as kq
-from lowbit_jax.spec import Format, PerGroup, QuantSpec, SymGrid, int_spec, q4_1_spec
+from lowbit_jax.spec import Format, PerGroup, QuantSpec, q4_0_spec, q4_1_spec, q8_0_spec
 
 Kind = gguf.GGMLQuantizationType
 _T = Kind
@@ -262,11 +262,11 @@ class _Mapping:
 _F16 = jnp.float16
 _MAPPINGS: dict[Kind, _Mapping] = {
     _T.Q8_0: _Mapping(
-        lambda a: int_spec(8, group_size=32, axis=a, scale_dtype=_F16, grid=SymGrid.RESTRICTED),
+        lambda a: q8_0_spec(axis=a),
         lambda b: _Fields(b[:, 2:] ^ np.uint8(0x80), _half(b[:, :2]), None),
         lambda f: np.concatenate([_half_bytes(f.scale), f.codes ^ np.uint8(0x80)], axis=1)),
     _T.Q4_0: _Mapping(
-        lambda a: int_spec(4, group_size=32, axis=a, scale_dtype=_F16, grid=SymGrid.SIGNED_MAX),
+        lambda a: q4_0_spec(axis=a),
         lambda b: _Fields(_nibbles(b[:, 2:]), _half(b[:, :2]), None),
         lambda f: np.concatenate([_half_bytes(f.scale), _pack_nibbles(f.codes)], axis=1)),
     _T.Q4_1: _Mapping(

@@ -141,9 +141,9 @@ def test_asymmetric_scanned_equals_unrolled():
   _assert_same_q(_flat(_streamed(True, ASYM)), _flat(unrolled))
 
 
-@pytest.mark.parametrize("name", ["linen_dense_general", "maxtext_scan", "moe_all_experts"])
+@pytest.mark.parametrize("name", ["maxtext_scan", "moe_all_experts"])
 def test_zoo_layouts(name):
-  """Zoo layouts (DenseGeneral, a scanned stack, experts every token goes through): the same
+  """Zoo layouts (a scanned stack, experts every token goes through): the same
   weights become QArrays as with the reference's objective, with a lower output error."""
   z = ZOO[name]()
   spec = lb.int_spec(4, group_size=32)
